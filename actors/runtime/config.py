@@ -1,0 +1,169 @@
+"""One validated configuration model for every part of automat.
+
+Sources, later ones win: built-in defaults (the embedded local stack on 127.0.0.1),
+a YAML/JSON file (``AUTOMAT_CONFIG`` or ``--config``), environment variables
+``AUTOMAT_<SECTION>__<FIELD>`` (e.g. ``AUTOMAT_REDIS__URL``,
+``AUTOMAT_KAFKA__BOOTSTRAP_SERVERS``). A production deployment points the sections at
+its real Redis, Kafka cluster and IMAP servers; secrets come from the environment or
+from files (``*_file`` fields), never from the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("AUTOMAT_RUN_DIR", Path.cwd() / ".run")).resolve()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:16379/0"
+    password_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: str = "automat."
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password_file: Path | None = None
+
+
+class ImapConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1143, ge=1, le=65535)
+    ssl_port: int = Field(1993, ge=1, le=65535)
+    use_ssl: bool = True
+    ca_file: Path | None = None  # None -> the local stack's self-signed cert
+    poll_interval_s: float = Field(2.0, gt=0)
+
+
+class SmtpConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8025, ge=1, le=65535)
+    sender: str = "annahme@kasse.kim.telematik"
+
+
+class CryptoConfig(_Section):
+    """AES-256-GCM keys: a file of ``{"active": kid, "keys": {kid: base64}}``."""
+
+    keys_file: Path | None = None  # None -> <run_dir>/secrets/keys.json (made by the stack)
+    pseudonym_key_file: Path | None = None  # HMAC key for pseudonymous ids
+
+
+class BlobConfig(_Section):
+    dir: Path | None = None  # None -> <run_dir>/blobs
+
+
+class RuntimeConfig(_Section):
+    namespace: str = "automat"
+    num_shards: int = Field(64, ge=1, le=4096)
+    hosts_per_kind: int = Field(2, ge=1, le=256)
+    batch_window_ms: float = Field(2.0, ge=0, le=1000)
+    batch_max: int = Field(500, ge=1, le=100_000)
+    max_inflight_batches: int = Field(8, ge=1, le=1024)
+    passivate_after_s: float = Field(300.0, gt=0)
+    timer_poll_ms: float = Field(200.0, gt=0)
+    handler_retries: int = Field(2, ge=0, le=100)
+    ask_timeout_s: float = Field(30.0, gt=0)
+
+
+class AutomatConfig(BaseSettings):
+    """The whole configuration. ``load_config()`` builds it; errors name the field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOMAT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    run_dir: Path = Field(default_factory=default_run_dir)
+    redis: RedisConfig = RedisConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    imap: ImapConfig = ImapConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    crypto: CryptoConfig = CryptoConfig()
+    blob: BlobConfig = BlobConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    local_stack: bool = True  # False in production: never start services ourselves
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> "AutomatConfig":
+        self.run_dir = Path(self.run_dir).resolve()
+        if self.crypto.keys_file is None:
+            self.crypto.keys_file = self.run_dir / "secrets" / "keys.json"
+        if self.crypto.pseudonym_key_file is None:
+            self.crypto.pseudonym_key_file = self.run_dir / "secrets" / "pseudonym.key"
+        if self.blob.dir is None:
+            self.blob.dir = self.run_dir / "blobs"
+        if self.imap.ca_file is None:
+            self.imap.ca_file = self.run_dir / "imap" / "tls" / "cert.pem"
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment beats the file (init kwargs carry the file's values)
+        return (env_settings, init_settings, file_secret_settings)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names each offending field."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid automat configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        env = "AUTOMAT_" + "__".join(str(p).upper() for p in e["loc"])
+        lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r}; env {env})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> AutomatConfig:
+    """Load defaults + file + environment (+ explicit overrides). Raises ConfigError."""
+    path = path or os.environ.get("AUTOMAT_CONFIG")
+    data: dict[str, Any] = {}
+    source = "defaults + environment"
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"configuration file {p} does not exist")
+        text = p.read_text()
+        try:
+            loaded = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            raise ConfigError(f"configuration file {p} is not valid YAML/JSON: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {p} must hold a mapping at the top")
+        data = loaded or {}
+        source = f"{p} + environment"
+    data.update(overrides)
+    try:
+        return AutomatConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
