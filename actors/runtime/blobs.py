@@ -1,0 +1,189 @@
+"""Encrypted claim-check store on a filesystem directory.
+
+A blob is stored as one file ``<root>/<kind>/<ab>/<cdef...>`` holding a
+:class:`~actors.runtime.crypto.KeyRing` blob (AES-256-GCM, key id in the header). The
+ref ``"<kind>/<ab>/<cdef...>"`` is what callers keep (in a slip, an entity state).
+
+Naming: the id is **random** (128 bits from ``secrets``), not a content address. A
+content hash (even sha256 over kind + data) would let anyone who can list the directory
+confirm a guessed plaintext (a name, an insurance number) and see which blobs are equal;
+random names reveal nothing but size and time. The price: ``put`` is not idempotent —
+putting the same data twice gives two refs (a retried put leaves an orphan that
+``delete`` or a sweep can remove).
+
+Each file is encrypted with the ref as additional data, so a file copied or renamed to
+another ref fails verification. ``get`` never returns unverified bytes: a modified,
+truncated or swapped file raises :class:`~actors.runtime.crypto.IntegrityError`.
+
+Writes are atomic (temp file in the target directory, fsync, rename, fsync of the dir);
+files are mode 0600. All methods are synchronous and thread-safe; async callers with
+large blobs may wrap them in ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+
+from actors.runtime.crypto import CryptoError, IntegrityError, KeyRing
+
+__all__ = ["BlobStore", "BlobNotFound"]
+
+log = logging.getLogger(__name__)
+
+_KIND_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_REF_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})/([0-9a-f]{2})/([0-9a-f]{30})$")
+
+
+class BlobNotFound(KeyError):
+    """No blob under this ref (never written, or deleted)."""
+
+    def __str__(self) -> str:  # KeyError quotes its arg; keep it readable
+        return f"no blob {self.args[0]!r}" if self.args else "no blob"
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    def __init__(self, root: str | Path, keyring: KeyRing):
+        self.root = Path(root).resolve()
+        self.keyring = keyring
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ---- refs -----------------------------------------------------------------------
+    def _path(self, ref: str) -> Path:
+        if not isinstance(ref, str):
+            raise ValueError(f"blob ref must be a str, not {type(ref).__name__}")
+        m = _REF_RE.match(ref)
+        if not m:
+            raise ValueError(f"invalid blob ref {ref!r}: expected '<kind>/<2 hex>/<30 hex>'")
+        p = (self.root / m.group(1) / m.group(2) / m.group(3)).resolve()
+        if p.parent.parent.parent != self.root:  # belt and braces against traversal
+            raise ValueError(f"invalid blob ref {ref!r}: outside the store")
+        return p
+
+    # ---- write ----------------------------------------------------------------------
+    def _write(self, path: Path, data: bytes) -> None:
+        created = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(path.parent)
+        if created:  # make the new directory entries durable too
+            _fsync_dir(path.parent.parent)
+            _fsync_dir(path.parent.parent.parent)
+
+    def put(self, data: bytes, *, kind: str) -> str:
+        """Encrypt and store ``data``; returns a new random ref ``kind/ab/cdef...``."""
+        if not isinstance(kind, str) or not _KIND_RE.match(kind):
+            raise ValueError(f"invalid blob kind {kind!r}: 1-64 chars of [a-z0-9_-]")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes, not {type(data).__name__}")
+        while True:
+            h = secrets.token_hex(16)
+            ref = f"{kind}/{h[:2]}/{h[2:]}"
+            path = self._path(ref)
+            if not path.exists():  # 128 random bits: practically always
+                break
+        self._write(path, self.keyring.encrypt(bytes(data), ref.encode()))
+        return ref
+
+    # ---- read -----------------------------------------------------------------------
+    def get(self, ref: str) -> bytes:
+        """The plaintext; BlobNotFound if absent, IntegrityError if the file was altered."""
+        path = self._path(ref)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(ref) from None
+        try:
+            return self.keyring.decrypt(raw, ref.encode())
+        except IntegrityError as e:
+            raise IntegrityError(f"blob {ref}: {e}") from None
+
+    def exists(self, ref: str) -> bool:
+        return self._path(ref).is_file()
+
+    def delete(self, ref: str) -> bool:
+        """Remove the blob; True if it existed (idempotent)."""
+        path = self._path(ref)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    # ---- maintenance ----------------------------------------------------------------
+    def refs(self):
+        """Every stored ref (ignores temp files and anything that is not a blob name)."""
+        for kind_dir in sorted(self.root.iterdir()):
+            if not kind_dir.is_dir() or not _KIND_RE.match(kind_dir.name):
+                continue
+            for sub in sorted(kind_dir.iterdir()):
+                if not sub.is_dir():
+                    continue
+                for f in sorted(sub.iterdir()):
+                    ref = f"{kind_dir.name}/{sub.name}/{f.name}"
+                    if _REF_RE.match(ref) and f.is_file():
+                        yield ref
+
+    def reencrypt_all(self) -> tuple[int, int]:
+        """Key-rotation job: verify every blob, rewrite those not under the active key.
+
+        Returns ``(checked, rewritten)``. Blobs that fail verification are left untouched
+        and reported: after going through all others, raises IntegrityError naming them
+        (attributes ``checked``, ``rewritten``, ``failed``). Blobs deleted while the job
+        runs are skipped."""
+        checked = rewritten = 0
+        failed: list[str] = []
+        for ref in self.refs():
+            path = self._path(ref)
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            aad = ref.encode()
+            try:
+                plain = self.keyring.decrypt(raw, aad)
+            except CryptoError as e:
+                log.error("blob %s failed verification during reencrypt_all: %s", ref, e)
+                failed.append(ref)
+                continue
+            checked += 1
+            if self.keyring.needs_reencrypt(raw):
+                if not path.exists():  # deleted meanwhile: do not resurrect
+                    continue
+                self._write(path, self.keyring.encrypt(plain, aad))
+                rewritten += 1
+        if failed:
+            err = IntegrityError(
+                f"reencrypt_all: {len(failed)} blob(s) failed verification "
+                f"(checked {checked}, rewritten {rewritten}): {', '.join(failed[:20])}"
+                + (" ..." if len(failed) > 20 else "")
+            )
+            err.checked, err.rewritten, err.failed = checked, rewritten, failed  # type: ignore[attr-defined]
+            raise err
+        return checked, rewritten

@@ -1,0 +1,430 @@
+"""Shard host: one Ray actor hosting many entities of one kind.
+
+Messages arrive in batches (one Ray call carries many). Each entity has a mailbox; a
+drain task per active entity handles its messages one at a time, in arrival order. The
+state changes of all entities handled at the same moment are committed to Redis in one
+round trip (group commit); replies and outgoing messages leave only after that.
+
+Entities are activated from the store on their first message and passivated after an
+idle time (their state is already durable). Durable timers of the host's shards are
+polled from Redis and delivered like messages; the timer is removed in the same commit
+as the state change it caused, so it fires again after a crash until it was handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
+
+from actors.runtime.entity import Effects, Entity, EntityContext
+from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
+from actors.runtime.store import (
+    CommitRecord,
+    EntityStore,
+    decode_message,
+    encode_message,
+    event_fields,
+    split_timer_member,
+    timer_member,
+)
+from protocols.runtime import Ack, Failure
+from supervisors.child import Supervised
+
+log = logging.getLogger("automat.host")
+
+_ACK = Ack()
+_ROUND_MAX = 256
+
+
+class _Slot:
+    __slots__ = ("key", "shard", "queue", "running", "entity", "version", "last_used")
+
+    def __init__(self, key: str, shard: int) -> None:
+        self.key = key
+        self.shard = shard
+        self.queue: deque = deque()
+        self.running = False
+        self.entity: Entity | None = None
+        self.version = 0
+        self.last_used = time.monotonic()
+
+
+class ShardHost(Supervised):
+    """Hosts the entities of one kind for the shards ``s % hosts == index``."""
+
+    def __init__(self, cfg, kind: EntityKind | dict, index: int) -> None:
+        self.cfg = cfg
+        self.kind = kind if isinstance(kind, EntityKind) else EntityKind.model_validate(kind)
+        self.index = index
+        self.entity_cls: type[Entity] = import_path(self.kind.entity)
+        self.n_hosts = self.kind.host_count(cfg)
+        self.num_shards = cfg.runtime.num_shards
+        self.my_shards = shards_of_host(index, self.n_hosts, self.num_shards)
+        self.retries = cfg.runtime.handler_retries
+        self._slots: dict[str, _Slot] = {}
+        self._pending: list[tuple[CommitRecord, asyncio.Future]] = []
+        self._flush_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight_timers: set[str] = set()
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._router = None
+        self.keyring = None
+        self.ports: Any = None
+        self._clock = time.time
+        self.stats_counters = {
+            "messages": 0, "rounds": 0, "commits": 0, "commit_batches": 0, "activations": 0,
+            "passivations": 0, "handler_errors": 0, "dead_letters": 0, "unknown": 0,
+            "conflicts": 0, "quarantined": 0, "timers_fired": 0,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            self.redis = aioredis.from_url(self.cfg.redis.url, socket_keepalive=True)
+            self.store = EntityStore(self.redis)
+            keys_file = self.cfg.crypto.keys_file
+            if keys_file and os.path.exists(keys_file):
+                from actors.runtime.crypto import KeyRing
+
+                self.keyring = KeyRing.from_file(keys_file)
+            elif self.entity_cls.personal_data:
+                raise RuntimeError(f"{self.kind.name} holds personal data but no key file at {keys_file}")
+            if self.kind.ports:
+                made = import_path(self.kind.ports)(self.cfg)
+                self.ports = await made if asyncio.iscoroutine(made) else made
+            clock = getattr(self.ports, "clock", None)
+            if callable(clock):
+                self._clock = clock
+            self._spawn(self._timer_loop())
+            self._spawn(self._passivation_loop())
+            self._started = True
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def on_stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        close = getattr(self.ports, "aclose", None)
+        if close:
+            await close()
+
+    # -- the Ray-facing API -------------------------------------------------------------
+    async def deliver(self, batch: list[tuple[str, BaseModel]]) -> list[Any]:
+        """Handle a batch of ``(key, message)``; one reply per message, in order."""
+        loop = asyncio.get_running_loop()
+        futs = []
+        for key, msg in batch:  # enqueue synchronously: arrival order is mailbox order
+            fut = loop.create_future()
+            self._enqueue(key, msg, fut, None)
+            futs.append(fut)
+        return list(await asyncio.gather(*futs))
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def stats(self) -> dict:
+        return {
+            **self.stats_counters,
+            "active_entities": len(self._slots),
+            "queued": sum(len(s.queue) for s in self._slots.values()),
+            "host": self.kind.host_name(self.index),
+            "pid": os.getpid(),
+        }
+
+    async def passivate_idle(self, older_than_s: float = 0.0) -> int:
+        """Passivate idle entities now (operators, tests). Returns how many."""
+        return self._passivate(older_than_s)
+
+    async def is_active(self, key: str) -> bool:
+        return key in self._slots
+
+    # -- mailbox ----------------------------------------------------------------------
+    def _enqueue(self, key: str, msg: BaseModel, fut, tmember: str | None) -> None:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(key, shard_of(key, self.num_shards))
+        slot.queue.append((msg, fut, tmember))
+        slot.last_used = time.monotonic()
+        if not slot.running:
+            slot.running = True
+            self._spawn(self._drain(slot))
+
+    async def _drain(self, slot: _Slot) -> None:
+        try:
+            await self._ensure_started()
+            while slot.queue:
+                if slot.entity is None:
+                    await self._activate(slot)
+                n = min(len(slot.queue), _ROUND_MAX)
+                round_ = [slot.queue.popleft() for _ in range(n)]
+                await self._run_round(slot, round_)
+        except Exception as e:  # infrastructure failure: answer, never leave a caller hanging
+            log.exception("entity %s/%s: drain failed", self.kind.name, slot.key)
+            while slot.queue:
+                msg, fut, _ = slot.queue.popleft()
+                self._answer(fut, self._failure("unavailable", f"{type(e).__name__}: {e}", slot.key, msg))
+            slot.entity = None
+        finally:
+            slot.running = False
+            slot.last_used = time.monotonic()
+
+    # -- activation -------------------------------------------------------------------------
+    def _aad(self, key: str) -> bytes:
+        return f"{self.kind.name}:{key}".encode()
+
+    def _encode_state(self, key: str, state: BaseModel) -> bytes:
+        raw = state.model_dump_json().encode()
+        if self.entity_cls.personal_data:
+            return self.keyring.encrypt(raw, self._aad(key))
+        return raw
+
+    def _decode_state(self, key: str, raw: bytes) -> BaseModel:
+        if self.entity_cls.personal_data:
+            raw = self.keyring.decrypt(raw, self._aad(key))
+        return self.entity_cls.State.model_validate_json(raw)
+
+    async def _activate(self, slot: _Slot) -> None:
+        version, raw = await self.store.load(self.kind.name, slot.key)
+        state = None
+        if raw is not None:
+            try:
+                state = self._decode_state(slot.key, raw)
+            except Exception as e:  # corrupt or undecryptable: keep it, start clean, say so
+                reason = f"stored state unreadable ({type(e).__name__}: {str(e)[:200]})"
+                log.error("entity %s/%s: %s; quarantined", self.kind.name, slot.key, reason)
+                await self.store.quarantine(self.kind.name, slot.key, raw, reason)
+                await self.redis.xadd(
+                    "automat:deadletters",
+                    {"kind": self.kind.name, "key": slot.key, "type": "<state>", "reason": reason,
+                     "msg": b"", "at": repr(time.time())},
+                )
+                self.stats_counters["quarantined"] += 1
+        if state is None:
+            state = self.entity_cls.initial_state(slot.key)
+        ctx = EntityContext(self.kind.name, slot.key, self.ports, self._clock, self._ask)
+        ent = self.entity_cls(slot.key, state, ctx)
+        slot.entity = ent
+        slot.version = version
+        self.stats_counters["activations"] += 1
+        ent.on_activate()
+
+    # -- one round: handle queued messages, commit once, then answer -----------------------
+    def _failure(self, code: str, reason: str, key: str, msg: Any) -> Failure:
+        return Failure(code=code, reason=reason, kind=self.kind.name, key=key, message_type=type(msg).__name__)
+
+    @staticmethod
+    def _answer(fut, value) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _dead_letter_body(self, key: str, msg: BaseModel) -> bytes:
+        body = encode_message(msg)
+        return self.keyring.encrypt(body, self._aad(key)) if self.keyring else body
+
+    async def _run_round(self, slot: _Slot, round_: list) -> None:
+        attempts: dict[int, int] = {}
+        skipped: dict[int, str] = {}
+        for _conflict_try in range(5):
+            while True:
+                ent = slot.entity
+                effects = Effects()
+                ent.ctx._effects = effects
+                results: list[Any] = [None] * len(round_)
+                dead: list[tuple[str, str, str]] = []
+                dirty = False
+                failed = False
+                for i, (msg, _fut, _tm) in enumerate(round_):
+                    if i in skipped:
+                        results[i] = self._failure("handler_failed", skipped[i], slot.key, msg)
+                        dead.append((type(msg).__name__, skipped[i], self._dead_letter_body(slot.key, msg)))
+                        continue
+                    h = self.entity_cls._handlers.get(type(msg))
+                    if h is None:
+                        reason = f"{self.kind.name} has no handler for {type(msg).__module__}.{type(msg).__qualname__}"
+                        results[i] = self._failure("unknown_message", reason, slot.key, msg)
+                        dead.append((type(msg).__name__, reason, self._dead_letter_body(slot.key, msg)))
+                        continue
+                    try:
+                        fn = getattr(ent, h.name)
+                        r = (await fn(msg)) if h.is_async else fn(msg)
+                    except Exception as e:
+                        self.stats_counters["handler_errors"] += 1
+                        n = attempts[i] = attempts.get(i, 0) + 1
+                        reason = f"{type(e).__name__}: {str(e)[:300]}"
+                        log.warning("entity %s/%s: handler %s failed (attempt %d): %s",
+                                    self.kind.name, slot.key, h.name, n, reason)
+                        if n > self.retries:
+                            skipped[i] = reason
+                        failed = True
+                        break
+                    results[i] = _ACK if r is None else r
+                    dirty = dirty or not h.readonly
+                if not failed:
+                    break
+                await self._activate(slot)  # reset from the last durable state, replay
+            fired = [tm for (_m, _f, tm) in round_ if tm]
+            rec = None
+            if dirty or effects.events or effects.timers_set or effects.timers_cancelled \
+                    or effects.delete or dead or fired:
+                rec = self._record(slot, ent, effects, dirty, dead, fired)
+                newv = await self._commit(rec)
+                if newv < 0:
+                    self.stats_counters["conflicts"] += 1
+                    log.warning("entity %s/%s: version conflict (expected %d, stored %d); reloading",
+                                self.kind.name, slot.key, rec.expected_version, -1 - newv)
+                    await self._activate(slot)
+                    continue
+                slot.version = newv
+                if effects.delete:
+                    slot.entity = None
+            break
+        else:
+            for msg, fut, _ in round_:
+                self._answer(fut, self._failure("conflict", "stored version kept moving", slot.key, msg))
+            return
+        self.stats_counters["rounds"] += 1
+        self.stats_counters["messages"] += len(round_)
+        self.stats_counters["dead_letters"] += len(dead)
+        for tm in fired:
+            self._inflight_timers.discard(tm)
+        self.stats_counters["timers_fired"] += len(fired)
+        for kind, key, msg in effects.tells:
+            await self._tell(kind, key, msg)
+        for (_m, fut, _t), r in zip(round_, results):
+            self._answer(fut, r)
+
+    def _record(self, slot, ent, effects: Effects, dirty, dead, fired) -> CommitRecord:
+        op = "D" if effects.delete else ("S" if dirty else "K")
+        rec = CommitRecord(
+            kind=self.kind.name, key=slot.key, shard=slot.shard, expected_version=slot.version, op=op,
+            state=self._encode_state(slot.key, ent.state) if op == "S" else b"",
+        )
+        rec.events = [event_fields(e) for e in effects.events]
+        rec.timers_del = list(fired) + [timer_member(slot.key, n) for n in effects.timers_cancelled]
+        rec.timers_set = [
+            (timer_member(slot.key, t.name), t.due, encode_message(t.message)) for t in effects.timers_set.values()
+        ]
+        rec.dead_letters = dead
+        return rec
+
+    # -- group commit ---------------------------------------------------------------------
+    async def _commit(self, rec: CommitRecord) -> int:
+        delay = 0.05
+        deadline = time.monotonic() + 120
+        while True:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending.append((rec, fut))
+            if self._flush_task is None:
+                self._flush_task = self._spawn(self._flusher())
+            try:
+                return await fut
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("commit of %s/%s failed (%s); retrying", rec.kind, rec.key, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:  # ambiguous: did the failed call commit? single owner -> version tells
+                    v, _ = await self.store.load(rec.kind, rec.key)
+                except Exception:
+                    continue
+                if rec.op == "S" and v == rec.expected_version + 1:
+                    return v
+
+    async def _flusher(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # let every entity of this tick join the batch
+                batch, self._pending = self._pending, []
+                try:
+                    versions = await self.store.commit([r for r, _ in batch])
+                except Exception as e:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                self.stats_counters["commits"] += len(batch)
+                self.stats_counters["commit_batches"] += 1
+                for (_, f), v in zip(batch, versions):
+                    if not f.done():
+                        f.set_result(v)
+        finally:
+            self._flush_task = None
+
+    # -- messages to other entities -----------------------------------------------------------
+    def _router_(self):
+        if self._router is None:
+            from actors.runtime.router import Router
+
+            self._router = Router(self.cfg)
+        return self._router
+
+    async def _tell(self, kind: str, key: str, msg: BaseModel) -> None:
+        if kind == self.kind.name and host_of_shard(shard_of(key, self.num_shards), self.n_hosts) == self.index:
+            self._enqueue(key, msg, None, None)
+        else:
+            await self._router_().tell(kind, key, msg)
+
+    async def _ask(self, kind: str, key: str, msg: BaseModel, timeout_s: float | None):
+        return await self._router_().ask(kind, key, msg, timeout_s=timeout_s)
+
+    # -- timers and passivation ------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        period = self.cfg.runtime.timer_poll_ms / 1000.0
+        while True:
+            await asyncio.sleep(period)
+            try:
+                due = await self.store.due_timers(self.kind.name, self.my_shards, self._clock())
+            except Exception as e:
+                log.warning("timer poll failed: %s", e)
+                continue
+            for shard, member, payload in due:
+                if member in self._inflight_timers:
+                    continue
+                key, name = split_timer_member(member)
+                try:
+                    msg = decode_message(payload) if payload else None
+                    if msg is None:
+                        raise ValueError("timer payload missing")
+                except (ValidationError, ValueError, ImportError, AttributeError) as e:
+                    log.error("timer %s of %s/%s unreadable: %s; dead-lettered", name, self.kind.name, key, e)
+                    await self.redis.xadd("automat:deadletters", {
+                        "kind": self.kind.name, "key": key, "type": f"<timer {name}>",
+                        "reason": f"timer payload unreadable: {e}", "msg": payload or b"", "at": repr(time.time())})
+                    await self.store.drop_timer(self.kind.name, shard, member)
+                    continue
+                self._inflight_timers.add(member)
+                self._enqueue(key, msg, None, member)
+
+    def _passivate(self, older_than_s: float) -> int:
+        now = time.monotonic()
+        idle = [k for k, s in self._slots.items()
+                if not s.running and not s.queue and now - s.last_used >= older_than_s]
+        for k in idle:
+            del self._slots[k]
+        self.stats_counters["passivations"] += len(idle)
+        return len(idle)
+
+    async def _passivation_loop(self) -> None:
+        after = self.cfg.runtime.passivate_after_s
+        while True:
+            await asyncio.sleep(max(0.5, min(after / 2, 30.0)))
+            self._passivate(after)

@@ -1,0 +1,274 @@
+"""Custom metrics: thin, cached wrappers over ``ray.util.metrics``.
+
+``counter(...)``, ``gauge(...)`` and ``histogram(...)`` return one object per name (the
+first call's description / tag keys / boundaries win). Names get the ``automat_``
+prefix if they lack it; Ray exports them as ``ray_automat_...`` on the metrics port.
+
+The wrappers are safe anywhere: every value is also kept locally (``.value(**tags)``,
+``.snapshot()``) so tests and ``stats()`` methods can read them, and the Ray metric is
+only created (lazily, on the first record) inside an initialised Ray process — in a
+plain Python process they just count locally. A failure inside Ray's metric code is
+logged once and never reaches the caller.
+
+Tags: keyword arguments matching the metric's tag keys, e.g.
+``MESSAGES_HANDLED.inc(kind="mailbox")``, or Ray's style ``inc(1, tags={"kind": ...})``;
+tag values are converted to ``str``, missing ones become ``""``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import re
+import threading
+from typing import Any, Sequence
+
+__all__ = [
+    "counter",
+    "gauge",
+    "histogram",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "MESSAGES_HANDLED",
+    "BATCH_SIZE",
+    "HANDLER_ERRORS",
+    "DEAD_LETTERS",
+    "RESTARTS",
+    "OUTBOX_PUBLISHED",
+    "OUTBOX_BACKLOG",
+    "OUTBOX_ERRORS",
+    "OUTBOX_PUBLISH_SECONDS",
+]
+
+log = logging.getLogger(__name__)
+PREFIX = "automat_"
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_lock = threading.Lock()
+_registry: dict[str, "_Metric"] = {}
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except Exception:  # pragma: no cover - ray missing or half-imported
+        return False
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
+        self.name = name
+        self.description = description
+        self.tag_keys = tuple(tag_keys)
+        self._ray: Any = None
+        self._ray_failed = False
+        self._mlock = threading.Lock()
+
+    # -- helpers --------------------------------------------------------------------
+    def _tags(self, tags: dict[str, Any]) -> dict[str, str]:
+        unknown = set(tags) - set(self.tag_keys)
+        if unknown:
+            raise ValueError(f"metric {self.name}: unknown tag(s) {sorted(unknown)}; keys {self.tag_keys}")
+        return {k: str(tags.get(k, "")) for k in self.tag_keys}
+
+    def _key(self, tags: dict[str, str]) -> tuple[str, ...]:
+        return tuple(tags[k] for k in self.tag_keys)
+
+    def _make_ray(self) -> Any:  # override
+        raise NotImplementedError
+
+    def _ray_metric(self) -> Any:
+        if self._ray is None and not self._ray_failed and _ray_ready():
+            try:
+                self._ray = self._make_ray()
+            except Exception as e:
+                self._ray_failed = True
+                log.warning("metric %s: cannot create the Ray metric (%s); counting locally", self.name, e)
+        return self._ray
+
+    def _to_ray(self, method: str, value: float, tags: dict[str, str]) -> None:
+        m = self._ray_metric()
+        if m is None:
+            return
+        try:
+            getattr(m, method)(value, tags=tags)
+        except Exception as e:
+            if not self._ray_failed:
+                log.warning("metric %s: recording failed (%s); counting locally from now on", self.name, e)
+            self._ray_failed = True
+            self._ray = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, tags={self.tag_keys})"
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
+        super().__init__(name, description, tag_keys)
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def _make_ray(self) -> Any:
+        from ray.util.metrics import Counter as RayCounter
+
+        return RayCounter(self.name, self.description, self.tag_keys)
+
+    def inc(self, value: float = 1.0, tags: dict[str, Any] | None = None, **kw: Any) -> None:
+        tags = {**(tags or {}), **kw}
+        if value <= 0:
+            if value == 0:
+                return
+            raise ValueError(f"counter {self.name}: increment must be > 0, got {value}")
+        t = self._tags(tags)
+        with self._mlock:
+            k = self._key(t)
+            self._values[k] = self._values.get(k, 0.0) + value
+        self._to_ray("inc", value, t)
+
+    def value(self, **tags: Any) -> float:
+        """The local total for these tags (all tags omitted → sum over everything)."""
+        with self._mlock:
+            if not tags:
+                return sum(self._values.values())
+            t = self._tags(tags)
+            return self._values.get(self._key(t), 0.0)
+
+    def snapshot(self) -> dict[tuple[str, ...], float]:
+        with self._mlock:
+            return dict(self._values)
+
+
+class Gauge(_Metric):
+    kind = "gauge"
+
+    def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
+        super().__init__(name, description, tag_keys)
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def _make_ray(self) -> Any:
+        from ray.util.metrics import Gauge as RayGauge
+
+        return RayGauge(self.name, self.description, self.tag_keys)
+
+    def set(self, value: float, tags: dict[str, Any] | None = None, **kw: Any) -> None:
+        t = self._tags({**(tags or {}), **kw})
+        with self._mlock:
+            self._values[self._key(t)] = float(value)
+        self._to_ray("set", float(value), t)
+
+    def value(self, **tags: Any) -> float | None:
+        t = self._tags(tags)
+        with self._mlock:
+            return self._values.get(self._key(t))
+
+    def snapshot(self) -> dict[tuple[str, ...], float]:
+        with self._mlock:
+            return dict(self._values)
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, description: str, boundaries: Sequence[float], tag_keys: Sequence[str]):
+        super().__init__(name, description, tag_keys)
+        b = [float(x) for x in boundaries]
+        if not b or any(x <= 0 for x in b) or b != sorted(set(b)):
+            raise ValueError(f"histogram {name}: boundaries must be positive and increasing, got {boundaries}")
+        self.boundaries = b
+        # per tag tuple: [count, sum, bucket counts (len(b)+1)]
+        self._values: dict[tuple[str, ...], list[Any]] = {}
+
+    def _make_ray(self) -> Any:
+        from ray.util.metrics import Histogram as RayHistogram
+
+        return RayHistogram(self.name, self.description, self.boundaries, self.tag_keys)
+
+    def observe(self, value: float, tags: dict[str, Any] | None = None, **kw: Any) -> None:
+        t = self._tags({**(tags or {}), **kw})
+        v = float(value)
+        with self._mlock:
+            rec = self._values.setdefault(self._key(t), [0, 0.0, [0] * (len(self.boundaries) + 1)])
+            rec[0] += 1
+            rec[1] += v
+            rec[2][bisect.bisect_left(self.boundaries, v)] += 1
+        self._to_ray("observe", v, t)
+
+    def count(self, **tags: Any) -> int:
+        with self._mlock:
+            if not tags:
+                return sum(r[0] for r in self._values.values())
+            r = self._values.get(self._key(self._tags(tags)))
+            return r[0] if r else 0
+
+    def total(self, **tags: Any) -> float:
+        with self._mlock:
+            if not tags:
+                return sum(r[1] for r in self._values.values())
+            r = self._values.get(self._key(self._tags(tags)))
+            return r[1] if r else 0.0
+
+    def snapshot(self) -> dict[tuple[str, ...], dict[str, Any]]:
+        with self._mlock:
+            return {k: {"count": r[0], "sum": r[1], "buckets": list(r[2])} for k, r in self._values.items()}
+
+
+def _full(name: str) -> str:
+    full = name if name.startswith(PREFIX) else PREFIX + name
+    if not _NAME_RE.match(full):
+        raise ValueError(f"invalid metric name {full!r}: letters, digits, _ and : only")
+    return full
+
+
+def _get(name: str, cls: type, factory) -> Any:
+    full = _full(name)
+    with _lock:
+        m = _registry.get(full)
+        if m is None:
+            m = factory(full)
+            _registry[full] = m
+        elif not isinstance(m, cls):
+            raise TypeError(f"metric {full} is already registered as a {m.kind}")
+        return m
+
+
+def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Counter:
+    return _get(name, Counter, lambda n: Counter(n, description, tag_keys))
+
+
+def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Gauge:
+    return _get(name, Gauge, lambda n: Gauge(n, description, tag_keys))
+
+
+def histogram(
+    name: str, description: str = "", boundaries: Sequence[float] = (), tag_keys: Sequence[str] = ()
+) -> Histogram:
+    return _get(name, Histogram, lambda n: Histogram(n, description, boundaries, tag_keys))
+
+
+# ---- the runtime's common metrics -------------------------------------------------------
+MESSAGES_HANDLED = counter(
+    "messages_handled", "Messages handled by entities, by entity kind", ("kind",)
+)
+BATCH_SIZE = histogram(
+    "batch_size",
+    "Messages per batched call, by entity kind",
+    (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+    ("kind",),
+)
+HANDLER_ERRORS = counter("handler_errors", "Entity handler exceptions, by entity kind", ("kind",))
+DEAD_LETTERS = counter("dead_letters", "Messages dead-lettered, by entity kind", ("kind",))
+RESTARTS = counter("restarts", "Child restarts by supervisors, by supervisor and child", ("supervisor", "child"))
+OUTBOX_PUBLISHED = counter("outbox_published", "Outbox events published to Kafka, by topic", ("topic",))
+OUTBOX_BACKLOG = gauge("outbox_backlog", "Entries waiting in the Redis outbox stream", ())
+OUTBOX_ERRORS = counter("outbox_errors", "Outbox relay errors (retried), by kind of error", ("error",))
+OUTBOX_PUBLISH_SECONDS = histogram(
+    "outbox_publish_seconds",
+    "Time to publish one relay batch to Kafka (send to acks)",
+    (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    (),
+)

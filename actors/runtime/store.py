@@ -1,0 +1,227 @@
+"""Durable entity state in Redis: versioned writes, committed with their effects.
+
+Layout (no personal data in keys: callers pass pseudonymous entity keys):
+
+- ``automat:e:{kind}:{key}``       hash ``v`` (version), ``s`` (state bytes, encrypted
+                                   for personal-data kinds)
+- ``automat:t:{kind}:{shard}``     zset of durable timers, score = due time
+- ``automat:tp:{kind}:{shard}``    hash member -> timer message
+- ``automat:outbox``               stream of boundary events (relayed to Kafka)
+- ``automat:deadletters``          stream of messages that could not be handled
+- ``automat:q:{kind}:{key}``       quarantined state that could not be read
+
+One Lua script commits a whole batch of entity rounds in a single round trip (group
+commit). Per record it checks the expected version first (compare-and-set: a lost update
+is impossible), then writes the state, appends the events to the outbox, applies timer
+changes and dead letters — all or nothing for that record.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+OUTBOX_STREAM = "automat:outbox"
+DEADLETTER_STREAM = "automat:deadletters"
+
+
+def state_key(kind: str, key: str) -> str:
+    return f"automat:e:{kind}:{key}"
+
+
+def timer_zset(kind: str, shard: int) -> str:
+    return f"automat:t:{kind}:{shard}"
+
+
+def timer_payloads(kind: str, shard: int) -> str:
+    return f"automat:tp:{kind}:{shard}"
+
+
+def quarantine_key(kind: str, key: str) -> str:
+    return f"automat:q:{kind}:{key}"
+
+
+def timer_member(key: str, name: str) -> str:
+    return f"{key}\x1f{name}"
+
+
+def split_timer_member(member: str) -> tuple[str, str]:
+    key, _, name = member.partition("\x1f")
+    return key, name
+
+
+def encode_message(msg: BaseModel) -> bytes:
+    cls = type(msg)
+    return f"{cls.__module__}:{cls.__qualname__}\n".encode() + msg.model_dump_json().encode()
+
+
+def decode_message(raw: bytes) -> BaseModel:
+    head, _, body = raw.partition(b"\n")
+    module, _, qual = head.decode().partition(":")
+    obj = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj.model_validate_json(body)  # type: ignore[union-attr]
+
+
+@dataclass
+class CommitRecord:
+    """Everything one entity round wants made durable, atomically."""
+
+    kind: str
+    key: str
+    shard: int
+    expected_version: int
+    op: str  # "S" set state, "K" keep state (version check only), "D" delete
+    state: bytes = b""
+    events: list[tuple[str, str, str, str, bytes]] = field(default_factory=list)  # id, topic, type, key, payload
+    timers_set: list[tuple[str, float, bytes]] = field(default_factory=list)  # member, due, payload
+    timers_del: list[str] = field(default_factory=list)
+    dead_letters: list[tuple[str, str, str]] = field(default_factory=list)  # type, reason, encoded msg
+
+
+_COMMIT_LUA = """
+local outbox = ARGV[1]
+local dlq = ARGV[2]
+local n = tonumber(ARGV[3])
+local i = 4
+local res = {}
+for r = 1, n do
+  local skey = ARGV[i]; local expected = tonumber(ARGV[i+1]); local op = ARGV[i+2]; local st = ARGV[i+3]
+  local zkey = ARGV[i+4]; local pkey = ARGV[i+5]
+  local kind = ARGV[i+6]; local ekey = ARGV[i+7]; local now = ARGV[i+8]
+  i = i + 9
+  local ne = tonumber(ARGV[i]); local ev_at = i + 1; i = i + 1 + 5 * ne
+  local nd = tonumber(ARGV[i]); local td_at = i + 1; i = i + 1 + nd
+  local ns = tonumber(ARGV[i]); local ts_at = i + 1; i = i + 1 + 3 * ns
+  local nl = tonumber(ARGV[i]); local dl_at = i + 1; i = i + 1 + 3 * nl
+  local cur = tonumber(redis.call('HGET', skey, 'v') or '0')
+  if cur ~= expected then
+    res[r] = -1 - cur
+  else
+    local newv = cur + 1
+    if op == 'S' then
+      redis.call('HSET', skey, 'v', newv, 's', st)
+    elseif op == 'D' then
+      redis.call('DEL', skey)
+      newv = 0
+    else
+      newv = cur
+    end
+    for e = 0, ne - 1 do
+      local b = ev_at + 5 * e
+      redis.call('XADD', outbox, '*', 'id', ARGV[b], 'topic', ARGV[b+1], 'type', ARGV[b+2], 'key', ARGV[b+3], 'payload', ARGV[b+4])
+    end
+    for t = 0, nd - 1 do
+      redis.call('ZREM', zkey, ARGV[td_at + t]); redis.call('HDEL', pkey, ARGV[td_at + t])
+    end
+    for t = 0, ns - 1 do
+      local b = ts_at + 3 * t
+      redis.call('ZADD', zkey, ARGV[b+1], ARGV[b]); redis.call('HSET', pkey, ARGV[b], ARGV[b+2])
+    end
+    for d = 0, nl - 1 do
+      local b = dl_at + 3 * d
+      redis.call('XADD', dlq, '*', 'kind', kind, 'key', ekey, 'type', ARGV[b], 'reason', ARGV[b+1], 'msg', ARGV[b+2], 'at', now)
+    end
+    res[r] = newv
+  end
+end
+return res
+"""
+
+
+class EntityStore:
+    """Async access to entity state, timers and the commit script."""
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+        self._commit = redis.register_script(_COMMIT_LUA)
+
+    async def load(self, kind: str, key: str) -> tuple[int, bytes | None]:
+        v, s = await self.redis.hmget(state_key(kind, key), ["v", "s"])
+        if v is None:
+            return 0, None
+        return int(v), s
+
+    async def commit(self, records: list[CommitRecord]) -> list[int]:
+        """Commit rounds; per record the new version, or ``-1 - current`` on conflict."""
+        if not records:
+            return []
+        now = repr(time.time())
+        argv: list = [OUTBOX_STREAM, DEADLETTER_STREAM, len(records)]
+        for r in records:
+            argv += [
+                state_key(r.kind, r.key), r.expected_version, r.op, r.state,
+                timer_zset(r.kind, r.shard), timer_payloads(r.kind, r.shard), r.kind, r.key, now,
+            ]
+            argv.append(len(r.events))
+            for ev in r.events:
+                argv.extend(ev)
+            argv.append(len(r.timers_del))
+            argv.extend(r.timers_del)
+            argv.append(len(r.timers_set))
+            for member, due, payload in r.timers_set:
+                argv += [member, repr(due), payload]
+            argv.append(len(r.dead_letters))
+            for dl in r.dead_letters:
+                argv.extend(dl)
+        return [int(x) for x in await self._commit(keys=[], args=argv)]
+
+    async def due_timers(self, kind: str, shards: list[int], now: float, limit: int = 500):
+        """Timers due by ``now`` on the given shards: [(shard, member, payload)]."""
+        pipe = self.redis.pipeline(transaction=False)
+        for s in shards:
+            pipe.zrangebyscore(timer_zset(kind, s), "-inf", repr(now), start=0, num=limit)
+        found = await pipe.execute()
+        wanted = [(s, m) for s, ms in zip(shards, found) for m in ms]
+        if not wanted:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for s, m in wanted:
+            pipe.hget(timer_payloads(kind, s), m)
+        payloads = await pipe.execute()
+        out = []
+        for (s, m), p in zip(wanted, payloads):
+            out.append((s, m.decode() if isinstance(m, bytes) else m, p))
+        return out
+
+    async def drop_timer(self, kind: str, shard: int, member: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(timer_zset(kind, shard), member)
+        pipe.hdel(timer_payloads(kind, shard), member)
+        await pipe.execute()
+
+    async def quarantine(self, kind: str, key: str, raw: bytes | None, reason: str) -> None:
+        await self.redis.hset(
+            quarantine_key(kind, key),
+            mapping={"state": raw or b"", "reason": reason, "at": repr(time.time())},
+        )
+
+    async def dead_letters(self, count: int = 100) -> list[dict]:
+        rows = await self.redis.xrevrange(DEADLETTER_STREAM, count=count)
+        out = []
+        for sid, fields in rows:
+            f = {k.decode(): v for k, v in fields.items()}
+            out.append(
+                {
+                    "stream_id": sid.decode(),
+                    "kind": f["kind"].decode(),
+                    "key": f["key"].decode(),
+                    "message_type": f["type"].decode(),
+                    "reason": f["reason"].decode(),
+                    "at": float(f["at"]),
+                }
+            )
+        return out
+
+
+def event_fields(ev) -> tuple[str, str, str, str, bytes]:
+    return (ev.id, ev.topic, ev.type, ev.key, ev.payload())
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
