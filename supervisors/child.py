@@ -9,6 +9,7 @@ on purpose the call returns ``"normal"`` (a *transient* child is then not restar
 from __future__ import annotations
 
 import asyncio
+import os
 
 
 class Supervised:
@@ -29,6 +30,17 @@ class Supervised:
 
     async def ping(self) -> str:
         return "pong"
+
+    async def supervised_info(self) -> dict:
+        """Where this incarnation runs: ``pid``, ``node_id``, ``actor_id``.
+
+        The supervisor calls it once after creating the child: the answer means "serving"
+        (the constructor has finished) and gives the pid/node shown by ``automat status``.
+        """
+        import ray  # imported here: the mixin stays importable without Ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id()}
 
     async def stop(self, reason: str = "normal") -> None:
         """Stop on purpose: release resources (override ``on_stop``), then end watch()."""
