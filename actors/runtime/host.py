@@ -71,11 +71,15 @@ class ShardHost(Supervised):
         self._slots: dict[str, _Slot] = {}
         self._pending: list[tuple[CommitRecord, asyncio.Future]] = []
         self._flush_task: asyncio.Task | None = None
+        self._pending_loads: list[tuple[str, asyncio.Future]] = []
+        self._load_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._inflight_timers: set[str] = set()
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._router = None
+        # kinds whose handlers are all plain functions take the batch fast path
+        self._batch_path = all(not h.is_async for h in self.entity_cls._handlers.values())
         self.keyring = None
         self.ports: Any = None
         self._clock = time.time
@@ -94,7 +98,10 @@ class ShardHost(Supervised):
         async with self._start_lock:
             if self._started:
                 return
-            self.redis = aioredis.from_url(self.cfg.redis.url, socket_keepalive=True)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.cfg.redis.url, socket_keepalive=True, max_connections=32, timeout=None
+            )
+            self.redis = aioredis.Redis(connection_pool=pool)
             self.store = EntityStore(self.redis)
             keys_file = self.cfg.crypto.keys_file
             if keys_file and os.path.exists(keys_file):
@@ -131,11 +138,113 @@ class ShardHost(Supervised):
         """Handle a batch of ``(key, message)``; one reply per message, in order."""
         loop = asyncio.get_running_loop()
         futs = []
+        groups: dict[str, list] = {}
         for key, msg in batch:  # enqueue synchronously: arrival order is mailbox order
             fut = loop.create_future()
-            self._enqueue(key, msg, fut, None)
             futs.append(fut)
-        return list(await asyncio.gather(*futs))
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(key, shard_of(key, self.num_shards))
+            if self._batch_path and (key in groups or not slot.running):
+                slot.running = True  # owned by this batch; later arrivals queue behind it
+                groups.setdefault(key, []).append((msg, fut, None))
+            else:
+                self._enqueue(key, msg, fut, None)
+        if groups:
+            await self._run_batch(groups)
+        waiting = [f for f in futs if not f.done()]
+        if waiting:
+            await asyncio.wait(waiting)
+        return [f.result() for f in futs]
+
+    async def _run_batch(self, groups: dict[str, list]) -> None:
+        """Fast path for kinds with only plain (sync) handlers: the whole batch in one
+        pass, one pipelined load for inactive entities, one commit for all of them."""
+        slots = [self._slots[k] for k in groups]
+        try:
+            await self._ensure_started()
+            cold = [s for s in slots if s.entity is None]
+            if cold:
+                rows = await self.store.load_many(self.kind.name, [s.key for s in cold])
+                for s, (v, raw) in zip(cold, rows):
+                    if raw is not None and not self._try_decode(s.key, raw):
+                        await self._activate(s)  # corrupt: quarantine path
+                    else:
+                        self._install(s, v, None if raw is None else self._decode_state(s.key, raw))
+            pending = []
+            slow = []
+            for s in slots:
+                round_ = groups[s.key]
+                out = self._apply_sync(s, round_)
+                if out is None:
+                    slow.append((s, round_))
+                    continue
+                results, effects, dirty, dead = out
+                if dirty or effects.events or effects.timers_set or effects.timers_cancelled or effects.delete or dead:
+                    pending.append((s, round_, results, effects, self._record(s, s.entity, effects, dirty, dead, [])))
+                else:
+                    self._finish(s, round_, results, effects, [], dead)
+            if pending:
+                versions = await self._commit_many([p[4] for p in pending])
+                for (s, round_, results, effects, rec), v in zip(pending, versions):
+                    if v < 0:
+                        self.stats_counters["conflicts"] += 1
+                        slow.append((s, round_))
+                        continue
+                    s.version = v
+                    if effects.delete:
+                        s.entity = None
+                    self._finish(s, round_, results, effects, [], rec.dead_letters)
+                    for kind, key, msg in effects.tells:
+                        await self._tell(kind, key, msg)
+            for s, round_ in slow:  # handler raised or version conflict: careful path
+                s.entity = None
+                s.queue.extendleft(reversed(round_))
+        except Exception as e:
+            log.exception("batch on %s failed", self.kind.name)
+            for s in slots:
+                for msg, fut, _ in groups[s.key]:
+                    self._answer(fut, self._failure("unavailable", f"{type(e).__name__}: {e}", s.key, msg))
+                s.entity = None
+        finally:
+            for s in slots:
+                s.running = False
+                s.last_used = time.monotonic()
+                if s.queue:
+                    s.running = True
+                    self._spawn(self._drain(s))
+
+    def _apply_sync(self, slot: _Slot, round_: list):
+        ent = slot.entity
+        effects = Effects()
+        ent.ctx._effects = effects
+        results: list[Any] = []
+        dead: list = []
+        dirty = False
+        handlers = self.entity_cls._handlers
+        for msg, _fut, _tm in round_:
+            h = handlers.get(type(msg))
+            if h is None:
+                reason = f"{self.kind.name} has no handler for {type(msg).__module__}.{type(msg).__qualname__}"
+                results.append(self._failure("unknown_message", reason, slot.key, msg))
+                dead.append((type(msg).__name__, reason, self._dead_letter_body(slot.key, msg)))
+                continue
+            try:
+                r = getattr(ent, h.name)(msg)
+            except Exception:
+                return None
+            results.append(_ACK if r is None else r)
+            dirty = dirty or not h.readonly
+        return results, effects, dirty, dead
+
+    def _finish(self, slot, round_, results, effects, fired, dead) -> None:
+        c = self.stats_counters
+        c["rounds"] += 1
+        c["messages"] += len(round_)
+        c["dead_letters"] += len(dead)
+        for (_m, fut, _t), r in zip(round_, results):
+            if fut is not None and not fut.done():
+                fut.set_result(r)
 
     async def pid(self) -> int:
         return os.getpid()
@@ -201,8 +310,51 @@ class ShardHost(Supervised):
             raw = self.keyring.decrypt(raw, self._aad(key))
         return self.entity_cls.State.model_validate_json(raw)
 
+    async def _load(self, key: str) -> tuple[int, bytes | None]:
+        """Load through the batch loader: one pipelined round trip for many activations."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending_loads.append((key, fut))
+        if self._load_task is None:
+            self._load_task = self._spawn(self._loader())
+        return await fut
+
+    async def _loader(self) -> None:
+        try:
+            while self._pending_loads:
+                await asyncio.sleep(0)
+                batch, self._pending_loads = self._pending_loads[:2000], self._pending_loads[2000:]
+                try:
+                    rows = await self.store.load_many(self.kind.name, [k for k, _ in batch])
+                except Exception as e:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for (_, f), row in zip(batch, rows):
+                    if not f.done():
+                        f.set_result(row)
+        finally:
+            self._load_task = None
+
+    def _try_decode(self, key: str, raw: bytes) -> bool:
+        try:
+            self._decode_state(key, raw)
+            return True
+        except Exception:
+            return False
+
+    def _install(self, slot: _Slot, version: int, state: BaseModel | None) -> None:
+        if state is None:
+            state = self.entity_cls.initial_state(slot.key)
+        ctx = EntityContext(self.kind.name, slot.key, self.ports, self._clock, self._ask)
+        ent = self.entity_cls(slot.key, state, ctx)
+        slot.entity = ent
+        slot.version = version
+        self.stats_counters["activations"] += 1
+        ent.on_activate()
+
     async def _activate(self, slot: _Slot) -> None:
-        version, raw = await self.store.load(self.kind.name, slot.key)
+        version, raw = await self._load(slot.key)
         state = None
         if raw is not None:
             try:
@@ -217,14 +369,7 @@ class ShardHost(Supervised):
                      "msg": b"", "at": repr(time.time())},
                 )
                 self.stats_counters["quarantined"] += 1
-        if state is None:
-            state = self.entity_cls.initial_state(slot.key)
-        ctx = EntityContext(self.kind.name, slot.key, self.ports, self._clock, self._ask)
-        ent = self.entity_cls(slot.key, state, ctx)
-        slot.entity = ent
-        slot.version = version
-        self.stats_counters["activations"] += 1
-        ent.on_activate()
+        self._install(slot, version, state)
 
     # -- one round: handle queued messages, commit once, then answer -----------------------
     def _failure(self, code: str, reason: str, key: str, msg: Any) -> Failure:
@@ -348,6 +493,37 @@ class ShardHost(Supervised):
                     continue
                 if rec.op == "S" and v == rec.expected_version + 1:
                     return v
+
+    async def _commit_many(self, recs: list[CommitRecord]) -> list[int]:
+        """Commit many rounds in one call; on a lost connection, find out what landed."""
+        out: list[int] = [0] * len(recs)
+        todo = list(range(len(recs)))
+        delay, deadline = 0.05, time.monotonic() + 120
+        while todo:
+            try:
+                for i, v in zip(todo, await self.store.commit([recs[i] for i in todo])):
+                    out[i] = v
+                self.stats_counters["commits"] += len(todo)
+                self.stats_counters["commit_batches"] += 1
+                return out
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("commit of %d rounds failed (%s); retrying", len(todo), e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    rows = await self.store.load_many(self.kind.name, [recs[i].key for i in todo])
+                except Exception:
+                    continue
+                left = []
+                for i, (v, _) in zip(todo, rows):  # single owner: the version tells
+                    if recs[i].op == "S" and v == recs[i].expected_version + 1:
+                        out[i] = v
+                    else:
+                        left.append(i)
+                todo = left
+        return out
 
     async def _flusher(self) -> None:
         try:

@@ -28,6 +28,10 @@ log = logging.getLogger("automat.router")
 KINDS_KEY = "automat:kinds"
 
 
+class HostNotFound(Exception):
+    """No live incarnation of a shard host under that name (yet)."""
+
+
 class EntityError(Exception):
     """An ask was answered with a Failure."""
 
@@ -43,14 +47,19 @@ async def register_kinds(redis, kinds: list[EntityKind]) -> None:
 
 
 def default_resolver(namespace: str) -> Callable[[str], Awaitable[Any]]:
+    """Plain named host first (unsupervised), else the supervised incarnation."""
+
     async def resolve(name: str):
         try:
-            from supervisors.resolve import resolve as sup_resolve  # current incarnation
-        except ImportError:
-            sup_resolve = None
-        if sup_resolve is not None:
-            return await asyncio.to_thread(sup_resolve, name, namespace)
-        return ray.get_actor(name, namespace=namespace)
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            pass
+        from supervisors.resolve import resolve_async
+
+        try:
+            return await resolve_async(name, namespace=namespace, timeout_s=2.0)
+        except LookupError as e:
+            raise HostNotFound(str(e)) from None
 
     return resolve
 
@@ -78,7 +87,8 @@ class _Lane:
         if len(self.buf) >= self.router.batch_max:
             self.flush()
         elif self.timer is None:
-            if self.router.window <= 0:
+            # idle lane: go now (low latency); busy lane: wait the window (big batches)
+            if self.router.window <= 0 or self.outstanding == 0:
                 self.timer = asyncio.get_running_loop().call_soon(self.flush)
             else:
                 self.timer = asyncio.get_running_loop().call_later(self.router.window, self.flush)
@@ -94,7 +104,10 @@ class _Lane:
 
     async def _handle(self):
         if self.handle is None:
-            self.handle = await self.router.resolve(self.name)
+            try:
+                self.handle = await self.router.resolve(self.name)
+            except ValueError as e:  # ray.get_actor: no such name
+                raise HostNotFound(str(e)) from None
         return self.handle
 
     async def _send_loop(self) -> None:
@@ -115,7 +128,7 @@ class _Lane:
             if isinstance(ref, Exception):
                 raise ref
             results = await ref
-        except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError) as e:
+        except (ActorDiedError, ActorUnavailableError, RayActorError, HostNotFound) as e:
             self.sem.release()
             results = await self._resend(batch, e)
         except Exception as e:  # serialization and the like: answer every caller
@@ -138,12 +151,12 @@ class _Lane:
             err = first_error
             while time.monotonic() < deadline:
                 self.handle = None
-                log.warning("host %s unreachable (%s); re-sending %d messages", self.name,
-                            type(err).__name__, len(batch))
+                log.warning("host %s unreachable (%s: %s); re-sending %d messages", self.name,
+                            type(err).__name__, str(err)[:200], len(batch))
                 try:
                     handle = await self._handle()
                     return await handle.deliver.remote(batch)
-                except (ActorDiedError, ActorUnavailableError, RayActorError, ValueError) as e:
+                except (ActorDiedError, ActorUnavailableError, RayActorError, HostNotFound) as e:
                     err = e
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -19,6 +19,8 @@ changes and dead letters — all or nothing for that record.
 from __future__ import annotations
 
 import importlib
+
+import msgpack
 import json
 import time
 from dataclasses import dataclass, field
@@ -87,20 +89,14 @@ class CommitRecord:
 _COMMIT_LUA = """
 local outbox = ARGV[1]
 local dlq = ARGV[2]
-local n = tonumber(ARGV[3])
-local i = 4
+local now = ARGV[3]
+local recs = cmsgpack.unpack(ARGV[4])
 local res = {}
-for r = 1, n do
-  local skey = ARGV[i]; local expected = tonumber(ARGV[i+1]); local op = ARGV[i+2]; local st = ARGV[i+3]
-  local zkey = ARGV[i+4]; local pkey = ARGV[i+5]
-  local kind = ARGV[i+6]; local ekey = ARGV[i+7]; local now = ARGV[i+8]
-  i = i + 9
-  local ne = tonumber(ARGV[i]); local ev_at = i + 1; i = i + 1 + 5 * ne
-  local nd = tonumber(ARGV[i]); local td_at = i + 1; i = i + 1 + nd
-  local ns = tonumber(ARGV[i]); local ts_at = i + 1; i = i + 1 + 3 * ns
-  local nl = tonumber(ARGV[i]); local dl_at = i + 1; i = i + 1 + 3 * nl
+for r = 1, #recs do
+  local rec = recs[r]
+  local skey, expected, op, st, zkey, pkey, kind, ekey = rec[1], rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8]
   local cur = tonumber(redis.call('HGET', skey, 'v') or '0')
-  if cur ~= expected then
+  if expected >= 0 and cur ~= expected then
     res[r] = -1 - cur
   else
     local newv = cur + 1
@@ -112,20 +108,17 @@ for r = 1, n do
     else
       newv = cur
     end
-    for e = 0, ne - 1 do
-      local b = ev_at + 5 * e
-      redis.call('XADD', outbox, '*', 'id', ARGV[b], 'topic', ARGV[b+1], 'type', ARGV[b+2], 'key', ARGV[b+3], 'payload', ARGV[b+4])
+    for _, ev in ipairs(rec[9]) do
+      redis.call('XADD', outbox, '*', 'id', ev[1], 'topic', ev[2], 'type', ev[3], 'key', ev[4], 'payload', ev[5])
     end
-    for t = 0, nd - 1 do
-      redis.call('ZREM', zkey, ARGV[td_at + t]); redis.call('HDEL', pkey, ARGV[td_at + t])
+    for _, m in ipairs(rec[10]) do
+      redis.call('ZREM', zkey, m); redis.call('HDEL', pkey, m)
     end
-    for t = 0, ns - 1 do
-      local b = ts_at + 3 * t
-      redis.call('ZADD', zkey, ARGV[b+1], ARGV[b]); redis.call('HSET', pkey, ARGV[b], ARGV[b+2])
+    for _, t in ipairs(rec[11]) do
+      redis.call('ZADD', zkey, t[2], t[1]); redis.call('HSET', pkey, t[1], t[3])
     end
-    for d = 0, nl - 1 do
-      local b = dl_at + 3 * d
-      redis.call('XADD', dlq, '*', 'kind', kind, 'key', ekey, 'type', ARGV[b], 'reason', ARGV[b+1], 'msg', ARGV[b+2], 'at', now)
+    for _, d in ipairs(rec[12]) do
+      redis.call('XADD', dlq, '*', 'kind', kind, 'key', ekey, 'type', d[1], 'reason', d[2], 'msg', d[3], 'at', now)
     end
     res[r] = newv
   end
@@ -147,28 +140,29 @@ class EntityStore:
             return 0, None
         return int(v), s
 
+    async def load_many(self, kind: str, keys: list[str]) -> list[tuple[int, bytes | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(state_key(kind, k), ["v", "s"])
+        out = []
+        for v, s in await pipe.execute():
+            out.append((0, None) if v is None else (int(v), s))
+        return out
+
     async def commit(self, records: list[CommitRecord]) -> list[int]:
         """Commit rounds; per record the new version, or ``-1 - current`` on conflict."""
         if not records:
             return []
-        now = repr(time.time())
-        argv: list = [OUTBOX_STREAM, DEADLETTER_STREAM, len(records)]
-        for r in records:
-            argv += [
+        recs = [
+            (
                 state_key(r.kind, r.key), r.expected_version, r.op, r.state,
-                timer_zset(r.kind, r.shard), timer_payloads(r.kind, r.shard), r.kind, r.key, now,
-            ]
-            argv.append(len(r.events))
-            for ev in r.events:
-                argv.extend(ev)
-            argv.append(len(r.timers_del))
-            argv.extend(r.timers_del)
-            argv.append(len(r.timers_set))
-            for member, due, payload in r.timers_set:
-                argv += [member, repr(due), payload]
-            argv.append(len(r.dead_letters))
-            for dl in r.dead_letters:
-                argv.extend(dl)
+                timer_zset(r.kind, r.shard), timer_payloads(r.kind, r.shard), r.kind, r.key,
+                r.events, r.timers_del, [(m, repr(d), p) for m, d, p in r.timers_set], r.dead_letters,
+            )
+            for r in records
+        ]
+        blob = msgpack.packb(recs, use_bin_type=False)
+        argv = [OUTBOX_STREAM, DEADLETTER_STREAM, repr(time.time()), blob]
         return [int(x) for x in await self._commit(keys=[], args=argv)]
 
     async def due_timers(self, kind: str, shards: list[int], now: float, limit: int = 500):

@@ -28,6 +28,9 @@ def host_child_specs(cfg, kind: EntityKind) -> list[dict]:
     ]
 
 
+_KEEP: dict[str, object] = {}  # a named, non-detached actor dies with its last handle
+
+
 def start_hosts(cfg, kind: EntityKind, *, namespace: str | None = None) -> list:
     """Start a kind's hosts as plain named actors (tests, tools; no supervision)."""
     cls = ray.remote(ShardHost)
@@ -39,4 +42,6 @@ def start_hosts(cfg, kind: EntityKind, *, namespace: str | None = None) -> list:
             .remote(cfg, kind.model_dump(), i)
         )
     ray.get([h.ping.remote() for h in handles])
+    for i, h in enumerate(handles):
+        _KEEP[kind.host_name(i)] = h
     return handles
