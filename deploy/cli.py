@@ -74,10 +74,18 @@ def _stack_error(e: Exception) -> typer.Exit:
 # --------------------------------------------------------------------------- stack
 
 
+def _short(p: Path) -> str:
+    try:
+        return str(Path(p).relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
 def _status_table(statuses: dict[str, Any], title: str) -> Table:
     t = Table(title=title)
-    for col in ("service", "running", "answers", "pid", "ports", "data dir", "log"):
-        t.add_column(col)
+    for col in ("service", "running", "answers", "pid", "ports"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("data dir", overflow="fold")
     for st in statuses.values():
         answers = {True: "yes", False: "[red]no[/red]", None: "-"}[st.answering]
         t.add_row(
@@ -86,8 +94,7 @@ def _status_table(statuses: dict[str, Any], title: str) -> Table:
             answers,
             str(st.pid or "-"),
             "/".join(map(str, st.ports)),
-            str(st.data_dir),
-            str(st.log),
+            _short(st.data_dir),
         )
     return t
 

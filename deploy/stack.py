@@ -428,28 +428,36 @@ class LocalStack:
                 "local_stack is false in this configuration: automat does not start "
                 "services itself here (point redis/kafka/imap/smtp at the real ones)"
             )
+        self._mkdir(self.run_dir, 0o755)
+        with self._lock():
+            return self._up_locked(services)
+
+    def _up_locked(self, services) -> dict[str, ServiceStatus]:
+        if not self.cfg.local_stack:
+            raise StackError(
+                "local_stack is false in this configuration: automat does not start "
+                "services itself here (point redis/kafka/imap/smtp at the real ones)"
+            )
         names = self._select(services)
         self._redis_addr()
         self._kafka_addr()
         self._check_hosts(names)
-        self._mkdir(self.run_dir, 0o755)
-        with self._lock():
-            self.ensure_secrets()
-            todo = [n for n in names if self._services[n].pid() is None]
-            self._preflight(todo)
-            started: list[str] = []
-            try:
-                for n in names:
-                    svc = self._services[n]
-                    if n in todo:
-                        self._start_one(svc)
-                        started.append(n)
-                    else:
-                        self._wait_answering(svc, None)
-            except BaseException:
-                for n in reversed(started):
-                    self._stop_one(self._services[n])
-                raise
+        self.ensure_secrets()
+        todo = [n for n in names if self._services[n].pid() is None]
+        self._preflight(todo)
+        started: list[str] = []
+        try:
+            for n in names:
+                svc = self._services[n]
+                if n in todo:
+                    self._start_one(svc)
+                    started.append(n)
+                else:
+                    self._wait_answering(svc, None)
+        except BaseException:
+            for n in reversed(started):
+                self._stop_one(self._services[n])
+            raise
         result = self.status(names, probe=False)
         for n in names:
             result[n].answering = True
@@ -461,14 +469,16 @@ class LocalStack:
 
         Returns the names of services that were stopped.
         """
-        names = self._select(services)
-        stopped = []
         if not self.run_dir.exists():
-            return stopped
+            return []
         with self._lock():
-            for n in reversed(names):
-                if self._stop_one(self._services[n]):
-                    stopped.append(n)
+            return self._down_locked(services)
+
+    def _down_locked(self, services=None) -> list[str]:
+        stopped = []
+        for n in reversed(self._select(services)):
+            if self._stop_one(self._services[n]):
+                stopped.append(n)
         return stopped
 
     def status(
@@ -513,7 +523,11 @@ class LocalStack:
         if not _USER_RE.match(user):
             raise ValueError(f"invalid IMAP user name {user!r}")
         uid, gid = _nobody()
-        home = self.imap_dir / "mail" / user
+        mail = self.imap_dir / "mail"
+        if not mail.is_dir():
+            mail.mkdir(parents=True, exist_ok=True)
+            os.chown(mail, uid, gid)
+        home = mail / user
         md = home / "Maildir"
         for d in (home, md, md / "cur", md / "new", md / "tmp"):
             if not d.is_dir():
@@ -563,21 +577,24 @@ class LocalStack:
         lease = leases / str(os.getpid())
         lease.write_text(owner + "\n")
         try:
-            result = self.up()
-            if any(s.started for s in result.values()):
-                marker.write_text(owner + "\n")
+            with self._lock():
+                result = self._up_locked(None)
+                if any(s.started for s in result.values()):
+                    marker.write_text(owner + "\n")
             yield self
         finally:
-            lease.unlink(missing_ok=True)
-            if os.environ.get("AUTOMAT_KEEP_STACK", "") in ("", "0"):
-                with self._lock():
-                    others = [p for p in leases.iterdir() if p.name.isdigit() and _alive(int(p.name))]
-                    for p in leases.iterdir():
-                        if p.name.isdigit() and p not in others:
-                            p.unlink(missing_ok=True)
-                if not others and marker.exists():
+            # one lock for "anyone else still here?" and the stop, so a session that is
+            # just joining either is seen or finds the stack down and starts it again
+            with self._lock():
+                lease.unlink(missing_ok=True)
+                others = [p for p in leases.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+                for p in leases.iterdir():
+                    if p.name.isdigit() and p not in others:
+                        p.unlink(missing_ok=True)  # lease of a session that died
+                keep = os.environ.get("AUTOMAT_KEEP_STACK", "") not in ("", "0")
+                if not others and not keep and marker.exists():
                     marker.unlink(missing_ok=True)
-                    self.down()
+                    self._down_locked()
 
     def mark_manual(self) -> None:
         """The user started the stack by hand: test sessions must not stop it."""
