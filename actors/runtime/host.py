@@ -164,7 +164,10 @@ class ShardHost(Supervised):
         try:
             await self._ensure_started()
             cold = [s for s in slots if s.entity is None]
-            if cold:
+            if cold and self.kind.stateless:
+                for s in cold:
+                    self._install(s, 0, None)
+            elif cold:
                 rows = await self.store.load_many(self.kind.name, [s.key for s in cold])
                 for s, (v, raw) in zip(cold, rows):
                     if raw is not None and not self._try_decode(s.key, raw):
@@ -180,6 +183,8 @@ class ShardHost(Supervised):
                     slow.append((s, round_))
                     continue
                 results, effects, dirty, dead = out
+                if self.kind.stateless:
+                    dirty = False
                 if dirty or effects.events or effects.timers_set or effects.timers_cancelled or effects.delete or dead:
                     pending.append((s, round_, results, effects, self._record(s, s.entity, effects, dirty, dead, [])))
                 else:
@@ -354,6 +359,9 @@ class ShardHost(Supervised):
         ent.on_activate()
 
     async def _activate(self, slot: _Slot) -> None:
+        if self.kind.stateless:
+            self._install(slot, 0, None)
+            return
         version, raw = await self._load(slot.key)
         state = None
         if raw is not None:
@@ -426,6 +434,8 @@ class ShardHost(Supervised):
                     break
                 await self._activate(slot)  # reset from the last durable state, replay
             fired = [tm for (_m, _f, tm) in round_ if tm]
+            if self.kind.stateless:
+                dirty = False
             rec = None
             if dirty or effects.events or effects.timers_set or effects.timers_cancelled \
                     or effects.delete or dead or fired:
@@ -458,8 +468,11 @@ class ShardHost(Supervised):
 
     def _record(self, slot, ent, effects: Effects, dirty, dead, fired) -> CommitRecord:
         op = "D" if effects.delete else ("S" if dirty else "K")
+        if self.kind.stateless:
+            op = "K"
         rec = CommitRecord(
-            kind=self.kind.name, key=slot.key, shard=slot.shard, expected_version=slot.version, op=op,
+            kind=self.kind.name, key=slot.key, shard=slot.shard,
+            expected_version=-1 if self.kind.stateless else slot.version, op=op,
             state=self._encode_state(slot.key, ent.state) if op == "S" else b"",
         )
         rec.events = [event_fields(e) for e in effects.events]

@@ -29,6 +29,9 @@ class EntityKind(BaseModel):
     ports: str | None = None  # "module:factory" called as factory(cfg) once per host
     max_concurrency: int = Field(10_000, ge=1)
     num_cpus: float = Field(0.0, ge=0)
+    #: no stored state (e.g. a pool of step workers keyed by mail id): nothing is loaded
+    #: or written but the effects (events, timers, dead letters); tells go after those
+    stateless: bool = False
 
     def host_count(self, cfg) -> int:
         return self.hosts or cfg.runtime.hosts_per_kind

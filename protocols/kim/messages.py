@@ -1,0 +1,49 @@
+"""Typed messages of the KIM mail statemachine (control information only).
+
+Nothing here may carry personal data: no names, insurance numbers (KVNR), diagnoses,
+subjects or mail bodies. Mail content lives in the encrypted blob store and is referred
+to by blob references (claim check). ``mail_id`` is a pseudonym (HMAC over Message-ID and
+content hash), never the Message-ID itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SlipStatus = Literal["received", "running", "waiting_retry", "parked", "done", "rejected"]
+TERMINAL: frozenset[str] = frozenset({"parked", "done", "rejected"})
+
+
+class StepError(BaseModel):
+    code: str  # stable, e.g. "cms_broken_signature", "core_unavailable"
+    reason: str  # readable, no personal data
+    retryable: bool = False
+
+
+class StepOrder(BaseModel):
+    """Stateshifter -> step worker: perform one step of one mail's road map."""
+
+    mail_id: str
+    step: str
+    attempt: int = 1
+    roadmap: str
+    roadmap_version: int
+    mailbox: str
+    facts: dict[str, str] = Field(default_factory=dict)  # control facts gathered so far
+    blobs: dict[str, str] = Field(default_factory=dict)  # name -> blob ref (encrypted)
+    dispatched_at: float = 0.0
+
+
+class StepResult(BaseModel):
+    """Step worker -> stateshifter: what the step found. ``outcome`` picks the branch."""
+
+    mail_id: str
+    step: str
+    attempt: int
+    outcome: str = "ok"  # "ok" or a named branch of the road map (e.g. "duplicate")
+    facts: dict[str, str] = Field(default_factory=dict)
+    blobs: dict[str, str] = Field(default_factory=dict)
+    error: StepError | None = None  # set -> retry (retryable) or the step's error branch
+    duration_ms: float = 0.0
