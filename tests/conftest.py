@@ -113,3 +113,18 @@ def ray_session(cfg):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_session(ray_session):
+    """Ray Serve's HTTP proxy on 127.0.0.1:18000 for the session; yields the base URL.
+
+    Capabilities deploy their apps with ``serve.run(app, name=..., route_prefix=...)``.
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 18000})
+    try:
+        yield "http://127.0.0.1:18000"
+    finally:
+        serve.shutdown()

@@ -37,6 +37,7 @@ class Total(BaseModel):
     total: int
     seen: dict[str, int]
     count: int
+    out_of_order: int = 0
 
 
 class CounterState(BaseModel):
@@ -78,7 +79,8 @@ class Counter(Entity[CounterState]):
         self.ctx.set_timer("remind", Add(n=msg.n), delay_s=msg.delay_s)
 
     def total(self) -> Total:
-        return Total(total=self.state.total, seen=dict(self.state.last_seq), count=self.state.count)
+        return Total(total=self.state.total, seen=dict(self.state.last_seq), count=self.state.count,
+                     out_of_order=self.state.out_of_order)
 
 
 class Secret(Entity[CounterState]):
