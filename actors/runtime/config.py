@@ -88,6 +88,37 @@ class RuntimeConfig(_Section):
     ask_timeout_s: float = Field(30.0, gt=0)
 
 
+class KimMailbox(_Section):
+    """One KIM address (IMAP account). Password inline (local stack) or from a file."""
+
+    user: str
+    password: str | None = None
+    password_file: Path | None = None
+
+    def secret(self) -> str:
+        if self.password_file is not None:
+            return Path(self.password_file).read_text().strip()
+        return self.password if self.password is not None else f"{self.user}pw"
+
+
+class KimConfig(_Section):
+    """The KIM pipeline: mailboxes, fetchers, pools, retries."""
+
+    mailboxes: list[KimMailbox] = Field(
+        default_factory=lambda: [KimMailbox(user=f"kasse{i:02d}") for i in range(1, 21)]
+    )
+    fetchers: int = Field(2, ge=1, le=64)  # mailbox actors kim.mailboxes.N (share the mailboxes)
+    slip_hosts: int = Field(2, ge=1, le=256)
+    worker_hosts: int = Field(2, ge=1, le=256)  # the step worker pool size
+    done_folder: str = "Verarbeitet"
+    fetch_batch: int = Field(100, ge=1, le=5000)
+    idle_timeout_s: float = Field(10.0, gt=0)
+    step_timeout_s: float = Field(60.0, gt=0)  # watchdog: re-dispatch a step not answered
+    retry_base_s: float = Field(1.0, ge=0)
+    retry_max_s: float = Field(300.0, ge=0)
+    default_attempts: int = Field(5, ge=1, le=100)
+
+
 class AutomatConfig(BaseSettings):
     """The whole configuration. ``load_config()`` builds it; errors name the field."""
 
@@ -103,6 +134,7 @@ class AutomatConfig(BaseSettings):
     crypto: CryptoConfig = CryptoConfig()
     blob: BlobConfig = BlobConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    kim: KimConfig = KimConfig()
     local_stack: bool = True  # False in production: never start services ourselves
 
     @model_validator(mode="after")
