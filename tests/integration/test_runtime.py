@@ -62,9 +62,10 @@ async def test_ask_and_tell_reach_the_entity_and_state_is_durable(hosted, redis_
         await router.tell(kind.name, "a", Add(n=1))
     await router.drain()
     assert (await router.ask(kind.name, "a", Get())).total == 15
-    # the stored state is what the entity says (version = number of writes)
+    # the stored state is what the entity says; queued messages share one write (group
+    # commit), so there are between 2 and 11 versions
     v, s = await redis_client.hmget(state_key(kind.name, "a"), ["v", "s"])
-    assert int(v) == 11 and b'"total":15' in s
+    assert 2 <= int(v) <= 11 and b'"total":15' in s
 
 
 async def test_in_order_per_entity_under_concurrent_senders(hosted):
