@@ -218,6 +218,9 @@ def status(ctx: typer.Context) -> None:
 
 # --------------------------------------------------------------------------- sub-apps
 # >>> capability sub-apps: one `app.add_typer(...)` per line below; import inside this block
+from deploy.bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 # <<< end of capability sub-apps
 
 
