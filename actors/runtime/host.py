@@ -23,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
+from actors.runtime import metrics
 from actors.runtime.entity import Effects, Entity, EntityContext
 from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
 from actors.runtime.store import (
@@ -137,6 +138,8 @@ class ShardHost(Supervised):
     async def deliver(self, batch: list[tuple[str, BaseModel]]) -> list[Any]:
         """Handle a batch of ``(key, message)``; one reply per message, in order."""
         loop = asyncio.get_running_loop()
+        metrics.BATCH_SIZE.observe(len(batch), kind=self.kind.name)
+        metrics.MESSAGES_HANDLED.inc(len(batch), kind=self.kind.name)
         futs = []
         groups: dict[str, list] = {}
         for key, msg in batch:  # enqueue synchronously: arrival order is mailbox order
@@ -247,6 +250,8 @@ class ShardHost(Supervised):
         c["rounds"] += 1
         c["messages"] += len(round_)
         c["dead_letters"] += len(dead)
+        if dead:
+            metrics.DEAD_LETTERS.inc(len(dead), kind=self.kind.name)
         for (_m, fut, _t), r in zip(round_, results):
             if fut is not None and not fut.done():
                 fut.set_result(r)
@@ -420,6 +425,7 @@ class ShardHost(Supervised):
                         r = (await fn(msg)) if h.is_async else fn(msg)
                     except Exception as e:
                         self.stats_counters["handler_errors"] += 1
+                        metrics.HANDLER_ERRORS.inc(kind=self.kind.name)
                         n = attempts[i] = attempts.get(i, 0) + 1
                         reason = f"{type(e).__name__}: {str(e)[:300]}"
                         log.warning("entity %s/%s: handler %s failed (attempt %d): %s",
@@ -458,6 +464,8 @@ class ShardHost(Supervised):
         self.stats_counters["rounds"] += 1
         self.stats_counters["messages"] += len(round_)
         self.stats_counters["dead_letters"] += len(dead)
+        if dead:
+            metrics.DEAD_LETTERS.inc(len(dead), kind=self.kind.name)
         for tm in fired:
             self._inflight_timers.discard(tm)
         self.stats_counters["timers_fired"] += len(fired)
