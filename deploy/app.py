@@ -108,7 +108,22 @@ def start_ray(cfg: AutomatConfig, *, dashboard: bool = True) -> str:
             dashboard_port=8265,
             runtime_env={"env_vars": ray_env(cfg)},
         )
+    try:
+        gcs = ctx.address_info.get("gcs_address") or ctx.address_info.get("address")
+        if gcs:
+            (cfg.run_dir / "ray.address").write_text(gcs + "\n")
+    except Exception:  # informational only
+        pass
     return getattr(ctx, "dashboard_url", "") or ""
+
+
+def use_running_cluster(cfg: AutomatConfig) -> None:
+    """For operator commands: point at the cluster ``automat run`` started (unless
+    ``RAY_ADDRESS`` says otherwise), so they never attach to some other local Ray."""
+    f = cfg.run_dir / "ray.address"
+    if not os.environ.get("RAY_ADDRESS") and f.exists():
+        os.environ["RAY_ADDRESS"] = f.read_text().strip()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 async def start_tree(cfg: AutomatConfig):
@@ -118,7 +133,8 @@ async def start_tree(cfg: AutomatConfig):
     return await asyncio.to_thread(start_root, root_spec(cfg), namespace=cfg.runtime.namespace)
 
 
-def run_main(cfg: AutomatConfig, *, demo: bool = True, duration_s: float | None = None) -> int:
+def run_main(cfg: AutomatConfig, *, demo: bool = True, duration_s: float | None = None,
+             with_stack: bool = True) -> int:
     """``automat run``: local stack (if configured), Ray, the root tree, the demo job.
 
     Runs in the foreground until Ctrl-C (or ``duration_s``), then stops everything it
@@ -126,13 +142,15 @@ def run_main(cfg: AutomatConfig, *, demo: bool = True, duration_s: float | None 
     """
     console = Console()
     logging.basicConfig(level=logging.WARNING)
-    stack = None
-    if cfg.local_stack:
+    import contextlib
+
+    lease = contextlib.nullcontext()
+    if cfg.local_stack and with_stack:
         from deploy.stack import LocalStack
 
-        stack = LocalStack(cfg)
         console.print("[bold]local stack[/] starting (Redis, Tansu, Dovecot, SMTP) ...")
-        stack.up()
+        # a lease: stopped at the end only if we started it and nobody else uses it
+        lease = LocalStack(cfg).shared(owner="automat run")
     stop = asyncio.Event()
 
     async def main() -> int:
@@ -175,15 +193,14 @@ def run_main(cfg: AutomatConfig, *, demo: bool = True, duration_s: float | None 
             console.print("stopping the tree ...")
             await asyncio.to_thread(stop_root, namespace=cfg.runtime.namespace)
             ray.shutdown()
+            (cfg.run_dir / "ray.address").unlink(missing_ok=True)
         return 0
 
-    try:
-        return asyncio.run(main())
-    finally:
-        if stack is not None:
-            console.print("stopping the local stack ...")
-            stack.down()
-        console.print("stopped.")
+    with lease:
+        try:
+            return asyncio.run(main())
+        finally:
+            console.print("stopped.")
 
 
 if __name__ == "__main__":  # pragma: no cover

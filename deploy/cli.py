@@ -182,22 +182,22 @@ def run(
     ctx: typer.Context,
     stack: bool = typer.Option(True, "--stack/--no-stack",
                                help="Bring the local stack up first (only if local_stack is true)."),
+    duration: Optional[float] = typer.Option(None, help="Stop by itself after this many seconds."),
+    demo: bool = typer.Option(True, "--demo/--no-demo", help="Run the capabilities' demo jobs."),
 ) -> None:
     """Run automat: the local stack (if configured) and the supervision tree on Ray."""
     cfg = get_config(ctx)
-    if stack and cfg.local_stack:
-        from deploy.stack import LocalStack, StackError
-
-        try:
-            LocalStack(cfg).up()
-        except StackError as e:
-            raise _stack_error(e) from None
     try:
         from deploy.app import run_main
     except ImportError as e:
         print(f"error: the application entry deploy.app.run_main is not available: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
-    result = run_main(cfg)
+    from deploy.stack import StackError
+
+    try:
+        result = run_main(cfg, demo=demo, duration_s=duration, with_stack=stack)
+    except StackError as e:
+        raise _stack_error(e) from None
     if isinstance(result, int) and result:
         raise typer.Exit(result)
 
@@ -211,6 +211,9 @@ def status(ctx: typer.Context) -> None:
     except ImportError as e:
         print(f"error: supervisors.status.print_status is not available: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
+    from deploy.app import use_running_cluster
+
+    use_running_cluster(cfg)
     result = print_status(cfg)
     if isinstance(result, int) and result:
         raise typer.Exit(result)
