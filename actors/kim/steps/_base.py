@@ -1,0 +1,160 @@
+"""Step registry, step output, typed step faults and the per-process parse cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from protocols.kim.errors import KimError
+from protocols.kim.messages import StepOrder
+from protocols.kim.mime import ParsedMail, parse_mail
+from protocols.kim.pkcs7 import CmsSignedData, unwrap_cms
+from protocols.kim.procedures import Procedure
+
+
+@dataclass
+class StepOut:
+    """What a step function returns (``run_step`` wraps it into a StepResult)."""
+
+    outcome: str = "ok"
+    facts: dict[str, str] = field(default_factory=dict)
+    blobs: dict[str, str] = field(default_factory=dict)
+
+
+StepFn = Callable[[StepOrder, Any], Awaitable[StepOut]]
+
+STEPS: dict[str, StepFn] = {}
+LAYER: dict[str, str] = {}
+
+
+def step(name: str, layer: str = "technical"):
+    def deco(fn: StepFn) -> StepFn:
+        if name in STEPS:
+            raise ValueError(f"step {name!r} registered twice")
+        STEPS[name] = fn
+        LAYER[name] = layer
+        fn.step_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+class StepFault(KimError):
+    """A typed, non-retryable fault found by a step (e.g. ``wrong_recipient``)."""
+
+    domain = "step"
+
+
+class Transient(Exception):
+    """A retryable fault of a port (I/O)."""
+
+    code = "transient"
+
+    def __init__(self, code: str, reason: str):
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+# ---------------------------------------------------------------------------- cache
+class _Lru:
+    """Per-process LRU of parsed objects keyed by blob ref (personal data stays in memory)."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._d: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: tuple[str, str], value: Any) -> Any:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+CACHE = _Lru()
+
+
+def blob_ref(order: StepOrder, name: str) -> str:
+    ref = order.blobs.get(name)
+    if not ref:
+        raise StepFault("blob_missing", f"the slip has no blob {name!r} (road map order?)", blob=name)
+    return ref
+
+
+def load_blob(order: StepOrder, ports, name: str) -> bytes:
+    ref = blob_ref(order, name)
+    hit = CACHE.get(("bytes", ref))
+    if hit is not None:
+        return hit
+    data = ports.blobs.get(ref)
+    return CACHE.put(("bytes", ref), data)
+
+
+def put_blob(ports, data: bytes, kind: str, name: str | None = None) -> str:
+    ref = ports.blobs.put(data, kind=kind)
+    CACHE.put(("bytes", ref), data)
+    return ref
+
+
+def parsed_mail(order: StepOrder, ports) -> ParsedMail:
+    ref = blob_ref(order, "raw")
+    hit = CACHE.get(("mail", ref))
+    if hit is not None:
+        return hit
+    return CACHE.put(("mail", ref), parse_mail(load_blob(order, ports, "raw"), max_bytes=None))
+
+
+def cms(order: StepOrder, ports) -> CmsSignedData:
+    ref = blob_ref(order, "attachment")
+    hit = CACHE.get(("cms", ref))
+    if hit is not None:
+        return hit
+    return CACHE.put(("cms", ref), unwrap_cms(load_blob(order, ports, "attachment")))
+
+
+def cached(kind: str, ref: str, build: Callable[[], Any]) -> Any:
+    hit = CACHE.get((kind, ref))
+    if hit is not None:
+        return hit
+    return CACHE.put((kind, ref), build())
+
+
+def procedure_of(order: StepOrder) -> Procedure:
+    """The procedure of the slip's road map (fact ``procedure`` once classified)."""
+    p = order.facts.get("procedure")
+    if p:
+        try:
+            return Procedure(p)
+        except ValueError:
+            pass
+    from protocols.kim.roadmap import ROADMAP_OF
+
+    for proc, name in ROADMAP_OF.items():
+        if name == order.roadmap:
+            return Procedure(proc)
+    return Procedure.EMAILPLUS
+
+
+def findings(facts: dict[str, str]) -> list[str]:
+    return sorted(v for k, v in facts.items() if k.startswith("finding_") and v)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
