@@ -150,8 +150,6 @@ async def check_recipient(order, ports) -> StepOut:
     mail = parsed_mail(order, ports)
     rcpts = [a.lower() for a in mail.to + mail.cc]
     own = {a.lower() for a in ports.reference.own_addresses}
-    if "@" in (order.mailbox or ""):
-        own.add(order.mailbox.lower())
     if own:
         ok = any(a in own for a in rcpts)
     else:
