@@ -1,0 +1,306 @@
+"""Mailbox actors ``kim.mailboxes.N``: fetch KIM mails over IMAPS and hand them to slips.
+
+Each supervised actor serves a share of the configured mailboxes (mailbox ``i`` goes to
+fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is sync):
+
+1. connect over TLS (``imap.ssl_port``, verified against ``imap.ca_file``), SELECT INBOX;
+2. cursor = (UIDVALIDITY, last UID) from Redis hash ``automat:kim:cursor`` (field = the
+   mailbox user); a changed UIDVALIDITY rescans from UID 1;
+3. for each new mail (UID > last): raw bytes -> encrypted blob (claim check) ->
+   ``ask kim.slip Receive`` with ``mail_id = HMAC(Message-ID + sha256(raw))`` -> when the
+   slip owns it (created or already owned): MOVE to ``Verarbeitet`` -> advance the cursor;
+4. no new mail: IDLE (if offered) until the server says EXISTS or ``idle_timeout_s``,
+   else poll every ``imap.poll_interval_s``.
+
+A crash between any two steps neither loses nor doubles a mail: before the slip exists
+the mail is still in INBOX (fetched again next time); after, the same ``mail_id`` finds
+the slip ("already owned") and the mail is only moved. Errors reconnect with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import hashlib
+import json
+import logging
+import os
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from actors.runtime import metrics
+from supervisors.child import Supervised
+
+log = logging.getLogger("automat.kim.mailbox")
+
+CURSOR_KEY = "automat:kim:cursor"
+BLOB_KIND = "kim-mail"
+PSEUDONYM_DOMAIN = "kim.mail"
+
+FETCHED = metrics.counter("kim_mails_fetched", "KIM mails fetched from IMAP, by mailbox and result",
+                          ("mailbox", "result"))
+BACKLOG = metrics.gauge("kim_mailbox_backlog", "Mails waiting in a mailbox's INBOX at the last look", ("mailbox",))
+
+
+def mailboxes_of(cfg, index: int) -> list:
+    n = cfg.kim.fetchers
+    return [m for i, m in enumerate(cfg.kim.mailboxes) if i % n == index]
+
+
+def fetcher_name(index: int) -> str:
+    return f"kim.mailboxes.{index}"
+
+
+def message_id_of(raw: bytes) -> str:
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    try:
+        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\n\n")
+        return (msg.get("Message-ID") or "").strip()
+    except Exception:
+        return ""
+
+
+def mail_id_of(pseudo, raw: bytes) -> str:
+    """Pseudonymous mail id: HMAC over Message-ID and content hash (same mail -> same id)."""
+    return pseudo.pseudonym(message_id_of(raw) + "\x00" + hashlib.sha256(raw).hexdigest(), PSEUDONYM_DOMAIN)
+
+
+def tls_context(cfg) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cfg.imap.ca_file) if cfg.imap.ca_file else None)
+    return ctx
+
+
+class MailboxFetcher(Supervised):
+    """A supervised Ray actor serving the mailboxes ``i % fetchers == index``."""
+
+    def __init__(self, cfg, index: int, router_options: dict | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.boxes = mailboxes_of(cfg, index)
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(2, len(self.boxes) + 1), thread_name_prefix="imap")
+        self._started = False
+        self._stopping = False
+        self.counts: dict[str, dict[str, int]] = {b.user: {"fetched": 0, "created": 0, "owned": 0, "moved": 0,
+                                                          "errors": 0} for b in self.boxes}
+        self.state: dict[str, str] = {b.user: "starting" for b in self.boxes}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        import redis.asyncio as aioredis
+
+        from actors.runtime.blobs import BlobStore
+        from actors.runtime.crypto import KeyRing, Pseudonymizer
+        from actors.runtime.router import Router
+
+        self.redis = aioredis.from_url(self.cfg.redis.url)
+        self.router = Router(self.cfg)
+        self.blobs = BlobStore(self.cfg.blob.dir, KeyRing.from_file(self.cfg.crypto.keys_file))
+        self.pseudo = Pseudonymizer.from_file(self.cfg.crypto.pseudonym_key_file)
+        loop = asyncio.get_running_loop()
+        for box in self.boxes:
+            self._tasks[box.user] = loop.create_task(self._serve(box))
+
+    async def supervised_info(self) -> dict:
+        self._ensure_started()
+        return await super().supervised_info()
+
+    async def ping(self) -> str:
+        self._ensure_started()
+        return "pong"
+
+    async def start(self) -> int:
+        self._ensure_started()
+        return len(self.boxes)
+
+    async def on_stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks.values():
+            t.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def stats(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "mailboxes": {u: {**c, "state": self.state[u]}
+                                                                        for u, c in self.counts.items()}}
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    # -- one mailbox ----------------------------------------------------------------------
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _connect(self, box):
+        from imapclient import IMAPClient
+
+        c = IMAPClient(self.cfg.imap.host, port=self.cfg.imap.ssl_port, ssl=True,
+                       ssl_context=tls_context(self.cfg), timeout=30)
+        c.login(box.user, box.secret())
+        folder = self.cfg.kim.done_folder
+        if not c.folder_exists(folder):
+            try:
+                c.create_folder(folder)
+            except Exception:
+                if not c.folder_exists(folder):
+                    raise
+        return c
+
+    async def _serve(self, box) -> None:
+        delay = 0.5
+        while not self._stopping:
+            client = None
+            try:
+                self.state[box.user] = "connecting"
+                client = await self._run(self._connect, box)
+                delay = 0.5
+                await self._loop(box, client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.counts[box.user]["errors"] += 1
+                self.state[box.user] = f"error: {type(e).__name__}"
+                log.warning("mailbox %s: %s: %s; reconnecting in %.1fs", box.user, type(e).__name__, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                if client is not None:
+                    try:
+                        await self._run(client.logout)
+                    except Exception:
+                        pass
+
+    async def _cursor(self, user: str) -> tuple[int, int]:
+        raw = await self.redis.hget(CURSOR_KEY, user)
+        if not raw:
+            return 0, 0
+        d = json.loads(raw)
+        return int(d["uidvalidity"]), int(d["last_uid"])
+
+    async def _save_cursor(self, user: str, uidvalidity: int, last_uid: int) -> None:
+        await self.redis.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": last_uid}))
+
+    async def _loop(self, box, client) -> None:
+        user = box.user
+        idle_ok = b"IDLE" in (await self._run(client.capabilities))
+        while not self._stopping:
+            info = await self._run(client.select_folder, "INBOX")
+            uidvalidity = int(info[b"UIDVALIDITY"])
+            cur_validity, last_uid = await self._cursor(user)
+            if cur_validity != uidvalidity:
+                if cur_validity:
+                    log.warning("mailbox %s: UIDVALIDITY changed (%s -> %s); rescanning", user, cur_validity,
+                                uidvalidity)
+                last_uid = 0
+                await self._save_cursor(user, uidvalidity, 0)
+            uids = [u for u in await self._run(client.search, ["UID", f"{last_uid + 1}:*"]) if u > last_uid]
+            uids.sort()
+            BACKLOG.set(len(uids), mailbox=user)
+            if uids:
+                self.state[user] = f"fetching {len(uids)}"
+                for i in range(0, len(uids), self.cfg.kim.fetch_batch):
+                    chunk = uids[i:i + self.cfg.kim.fetch_batch]
+                    await self._handle_chunk(box, client, uidvalidity, chunk)
+                continue
+            self.state[user] = "idle"
+            if idle_ok:
+                await self._run(self._idle, client, self.cfg.kim.idle_timeout_s)
+            else:
+                await asyncio.sleep(self.cfg.imap.poll_interval_s)
+
+    @staticmethod
+    def _idle(client, timeout: float) -> None:
+        client.idle()
+        try:
+            client.idle_check(timeout=timeout)
+        finally:
+            client.idle_done()
+
+    async def _handle_chunk(self, box, client, uidvalidity: int, uids: list[int]) -> None:
+        from actors.kim.slip import Receive, ReceiveReply
+        from protocols.kim.roadmap import peek_procedure
+
+        user = box.user
+        fetched = await self._run(client.fetch, uids, ["BODY.PEEK[]"])
+        now = time.time()
+        owned: list[int] = []
+
+        async def one(uid: int) -> None:
+            data = fetched.get(uid)
+            if not data or b"BODY[]" not in data:
+                return  # vanished meanwhile (moved by an earlier incarnation)
+            raw = bytes(data[b"BODY[]"])
+            mail_id = mail_id_of(self.pseudo, raw)
+            ref = await self._run(self._put_blob, raw)
+            procedure = peek_procedure(raw).value  # header only: picks the road map
+            reply = await self.router.ask("kim.slip", mail_id, Receive(
+                mail_id=mail_id, mailbox=user, blob=ref, size=len(raw), uid=uid, procedure=procedure,
+                received_at=now))
+            assert isinstance(reply, ReceiveReply)
+            c = self.counts[user]
+            c["fetched"] += 1
+            if reply.created:
+                c["created"] += 1
+                FETCHED.inc(mailbox=user, result="created")
+            else:  # a re-fetch after a crash: the slip already owns it; drop our new copy
+                c["owned"] += 1
+                FETCHED.inc(mailbox=user, result="already_owned")
+                await self._run(self.blobs.delete, ref)
+            owned.append(uid)
+
+        results = await asyncio.gather(*(one(u) for u in uids), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if owned:
+            owned.sort()
+            await self._run(self._move, client, owned)
+            self.counts[user]["moved"] += len(owned)
+        if errors:
+            raise errors[0]
+        # every UID of the chunk is owned (or vanished): advance the cursor
+        await self._save_cursor(user, uidvalidity, max(uids))
+
+    def _put_blob(self, raw: bytes) -> str:
+        return self.blobs.put(raw, kind=BLOB_KIND)
+
+    def _move(self, client, uids: list[int]) -> None:
+        folder = self.cfg.kim.done_folder
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+        else:
+            client.copy(uids, folder)
+            client.add_flags(uids, [b"\\Deleted"])
+            client.uid_expunge(uids) if client.has_capability("UIDPLUS") else client.expunge()
+
+
+def empty_mailbox(cfg, user: str, password: str | None = None, folders: tuple[str, ...] = ("INBOX",)) -> int:
+    """Delete every mail in ``folders`` of ``user`` (tests, demo reset). Returns how many."""
+    from imapclient import IMAPClient
+
+    n = 0
+    with IMAPClient(cfg.imap.host, port=cfg.imap.ssl_port, ssl=True, ssl_context=tls_context(cfg)) as c:
+        c.login(user, password or f"{user}pw")
+        for folder in folders:
+            if not c.folder_exists(folder):
+                continue
+            c.select_folder(folder)
+            uids = c.search(["ALL"])
+            if uids:
+                c.delete_messages(uids)
+                c.expunge()
+                n += len(uids)
+    return n
+
+
+def count_mailbox(cfg, user: str, password: str | None = None, folder: str = "INBOX") -> int:
+    from imapclient import IMAPClient
+
+    with IMAPClient(cfg.imap.host, port=cfg.imap.ssl_port, ssl=True, ssl_context=tls_context(cfg)) as c:
+        c.login(user, password or f"{user}pw")
+        if not c.folder_exists(folder):
+            return 0
+        return int(c.folder_status(folder, [b"MESSAGES"])[b"MESSAGES"])
+
