@@ -221,6 +221,7 @@ def status(ctx: typer.Context) -> None:
 
 # --------------------------------------------------------------------------- sub-apps
 # >>> capability sub-apps: one `app.add_typer(...)` per line below; import inside this block
+from actors.kim.cli import mails_app; app.add_typer(mails_app, name="mails")  # noqa: E402,E702
 from deploy.bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")

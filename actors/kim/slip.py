@@ -264,6 +264,7 @@ class RoutingSlip(Entity[SlipState]):
             if d.terminal == "@workbasket":
                 self._finish("done", "workbasket", code=code, reason=reason)
             elif d.status == "done":
+                s.error_code = s.reason = None  # earlier retried errors stay in the history
                 self._finish("done", "done")
             elif d.status == "rejected":
                 self._finish("rejected", "rejected", code=code or "rejected", reason=reason)
