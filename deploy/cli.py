@@ -225,6 +225,10 @@ from actors.kim.cli import mails_app; app.add_typer(mails_app, name="mails")  # 
 from deploy.bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+from actors.tss.cli import sim_app, tss_app  # noqa: E402
+
+app.add_typer(tss_app, name="tss")
+app.add_typer(sim_app, name="sim")
 # <<< end of capability sub-apps
 
 
