@@ -30,7 +30,7 @@ from ray import serve
 from actors.moped.composition import KIND
 from actors.moped.config import MopedConfig
 from protocols.moped import codes
-from protocols.moped.fhirio import MopedError, operation_outcome, parse_operation_body
+from protocols.moped.fhirio import MopedError, http_status, operation_outcome, parse_operation_body
 from protocols.moped.messages import (
     Caller,
     Issue,
@@ -45,7 +45,6 @@ from protocols.moped.messages import (
 
 FHIR_JSON = "application/fhir+json"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_STATUS = {"ok": 200, "invalid": 400, "unprocessable": 422, "not-found": 404, "forbidden": 403, "exists": 409}
 
 api = FastAPI(title="automat MOPED (FHIR R5)", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -193,7 +192,7 @@ class MopedIngress:
                           expression="Composition", message=f"Composition/{case_id}/_history/{r.vid} ({r.workflow})")]
             return outcome(201 if op == "aufnehmen" else 200, info + r.issues,
                            {"Location": loc, "ETag": f'W/"{r.vid}"'})
-        status = self.mcfg.conflict_status if r.code == "conflict" else _STATUS[r.code]
+        status = http_status(r.code, self.mcfg.conflict_status)
         headers = {"ETag": f'W/"{r.vid}"'} if r.code == "conflict" and r.vid else None
         return outcome(status, r.issues, headers)
 

@@ -24,6 +24,15 @@ class MopedError(Exception):
         self.issues = issues
 
 
+_HTTP = {"ok": 200, "invalid": 400, "unprocessable": 422, "not-found": 404, "forbidden": 403, "exists": 409}
+
+
+def http_status(result_code: str, conflict_status: int = 409) -> int:
+    """HTTP status of an operation result; a stale version answers ``conflict_status``
+    (409 as HAPI FHIR does, or 412 as FHIR prescribes for a stale If-Match)."""
+    return conflict_status if result_code == "conflict" else _HTTP[result_code]
+
+
 def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
     out = []
     for i in issues:
