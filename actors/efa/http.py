@@ -8,7 +8,6 @@ verified each time (signature, expiry, revocation). Errors are ``{"error": code,
 Deploy: ``serve.run(build_app(cfg), name="efa", route_prefix="/efa")``.
 """
 
-from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
