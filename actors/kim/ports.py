@@ -6,7 +6,8 @@ pseudonymizer (files from ``cfg.crypto``), the trust store, the reference core s
 the Redis duplicate index and the reference data. :func:`make_memory_ports` builds the
 same with in-memory duplicate index and mail sender (unit tests, inline floor).
 
-Trust store: the CA files named in ``AUTOMAT_KIM_CA_FILES`` (``os.pathsep``-separated
+Reference data (:func:`reference_from_env`): the insurer's IKs, own KIM addresses, size
+limit. Trust store: the CA files named in ``AUTOMAT_KIM_CA_FILES`` (``os.pathsep``-separated
 PEM files) plus – only with ``cfg.local_stack`` (test environments) – the TEST-ONLY CAs
 of :func:`protocols.kim.generator.make_pki` for the seeds in ``AUTOMAT_KIM_TEST_PKI_SEEDS``
 (default ``0-9``). The insurer's signing identity for eEB Bescheinigungen is the test
@@ -137,6 +138,23 @@ def build_trust_store(local_stack: bool, *, ca_files: str | None = None, test_se
     return store
 
 
+def reference_from_env(*, local_stack: bool) -> ReferenceData:
+    """Reference data; ``AUTOMAT_KIM_INSURER_IKS`` / ``AUTOMAT_KIM_OWN_ADDRESSES`` (comma
+    lists) and ``AUTOMAT_KIM_MAX_MAIL_BYTES`` override the defaults. Unknown insured are
+    auto-enrolled only on the local (test) stack."""
+    ref = ReferenceData(auto_enroll_unknown=local_stack)
+    iks = os.environ.get("AUTOMAT_KIM_INSURER_IKS")
+    if iks:
+        ref.insurer_iks = frozenset(x.strip() for x in iks.split(",") if x.strip())
+    own = os.environ.get("AUTOMAT_KIM_OWN_ADDRESSES")
+    if own:
+        ref.own_addresses = frozenset(x.strip().lower() for x in own.split(",") if x.strip())
+    mx = os.environ.get("AUTOMAT_KIM_MAX_MAIL_BYTES")
+    if mx:
+        ref.max_mail_bytes = int(mx)
+    return ref
+
+
 def _keyring(cfg) -> KeyRing:
     path = Path(cfg.crypto.keys_file)
     if not path.exists() and cfg.local_stack:
@@ -170,7 +188,7 @@ async def make_ports(cfg, *, core: CoreSystem | None = None, redis=None, referen
         from protocols.kim.generator import make_pki
 
         signer = make_pki(0).insurer_signer
-    ref = reference or ReferenceData(auto_enroll_unknown=bool(cfg.local_stack))
+    ref = reference or reference_from_env(local_stack=bool(cfg.local_stack))
     return KimPorts(
         blobs=BlobStore(cfg.blob.dir, keyring),
         keyring=keyring,

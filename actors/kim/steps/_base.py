@@ -8,6 +8,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from actors.runtime.blobs import BlobNotFound
+from actors.runtime.crypto import IntegrityError
 from protocols.kim.errors import KimError
 from protocols.kim.messages import StepOrder
 from protocols.kim.mime import ParsedMail, parse_mail
@@ -94,7 +96,7 @@ CACHE = _Lru()
 def blob_ref(order: StepOrder, name: str) -> str:
     ref = order.blobs.get(name)
     if not ref:
-        raise StepFault("blob_missing", f"the slip has no blob {name!r} (road map order?)", blob=name)
+        raise Transient("blob_missing", f"the slip has no blob {name!r} (road map order?)")
     return ref
 
 
@@ -103,7 +105,12 @@ def load_blob(order: StepOrder, ports, name: str) -> bytes:
     hit = CACHE.get(("bytes", ref))
     if hit is not None:
         return hit
-    data = ports.blobs.get(ref)
+    try:
+        data = ports.blobs.get(ref)
+    except BlobNotFound:
+        raise Transient("blob_missing", f"blob {name!r} is not in the blob store") from None
+    except IntegrityError:
+        raise Transient("blob_integrity", f"blob {name!r} fails its integrity check") from None
     return CACHE.put(("bytes", ref), data)
 
 

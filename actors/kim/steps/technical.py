@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from actors.kim.steps._base import (
     StepFault,
     StepOut,
+    Transient,
     blob_ref,
     cached,
     cms,
@@ -52,9 +53,9 @@ async def load_raw(order, ports) -> StepOut:
     try:
         raw = ports.blobs.get(ref)
     except BlobNotFound:
-        raise StepFault("blob_missing", "the raw mail is not in the blob store") from None
+        raise Transient("blob_missing", "the raw mail is not in the blob store") from None
     except IntegrityError:
-        raise StepFault("blob_integrity", "the stored raw mail fails its integrity check") from None
+        raise Transient("blob_integrity", "the stored raw mail fails its integrity check") from None
     from actors.kim.steps._base import CACHE
 
     CACHE.put(("bytes", ref), raw)

@@ -188,8 +188,23 @@ async def test_run_step_never_raises(ports):
 
     order = StepOrder(mail_id="m1", step="load_raw", roadmap="eau", roadmap_version=2, mailbox="x", blobs={"raw": "mail/ab/" + "0" * 30})
     res = await run_step(order, ports)
-    assert res.error and res.error.code == "blob_missing" and not res.error.retryable
+    # a lost blob is our fault, never the sender's: retried, then parked for an operator
+    assert res.error and res.error.code == "blob_missing" and res.error.retryable
     res = await run_step(order.model_copy(update={"step": "no_such_step", "roadmap": "none"}), ports)
     assert res.error.code == "unknown_step"
     res = await run_step(order.model_copy(update={"step": "parse_mime", "blobs": {}}), ports)
     assert res.error.code == "blob_missing"
+
+
+async def test_eau_v11_is_accepted_during_transition(ports, pki):
+    from protocols.kim.generator import MailGenerator
+
+    gm = MailGenerator(11, pki=pki, eau_version="V1.1").eau()
+    run = await run_mail_inline(gm.raw, ports)
+    assert run.roadmap == "eau" and run.terminal == "@done" and run.facts["dk_version"] == "V1.1"
+
+
+async def test_misrouted_mail_goes_to_a_clerk(ports, gen):
+    run = await run_mail_inline(gen.eeb_anfrage().raw, ports, roadmap="eau")
+    assert run.terminal == "@workbasket" and run.facts["misrouted_to"] == "eeb_anfrage"
+    assert ports.core.records("workbasket")[0]["record"]["queue"] == "eeb_anfrage-clearing"
