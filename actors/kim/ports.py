@@ -155,6 +155,28 @@ def reference_from_env(*, local_stack: bool) -> ReferenceData:
     return ref
 
 
+def core_from_env(core: CoreSystem, spec: str | None = None) -> CoreSystem:
+    """Wrap ``core`` in a :class:`FaultyCoreSystem` when ``AUTOMAT_KIM_CORE_FAULTS`` is set,
+    e.g. ``error=0.05,timeout=0.01,lost_reply=0.02,slow=0.1,slow_s=0.2,seed=1`` (chaos runs)."""
+    spec = spec if spec is not None else os.environ.get("AUTOMAT_KIM_CORE_FAULTS", "")
+    if not spec.strip():
+        return core
+    from actors.kim.core_system import FaultyCoreSystem
+
+    names = {"error": "error_rate", "timeout": "timeout_rate", "lost_reply": "lost_reply_rate", "slow": "slow_rate",
+             "slow_s": "slow_s", "timeout_s": "timeout_s", "seed": "seed"}
+    kw: dict[str, Any] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in names:
+            raise ValueError(f"AUTOMAT_KIM_CORE_FAULTS: unknown key {k!r} (known: {', '.join(names)})")
+        kw[names[k]] = int(v) if k == "seed" else float(v)
+    return FaultyCoreSystem(core, **kw)
+
+
 def _keyring(cfg) -> KeyRing:
     path = Path(cfg.crypto.keys_file)
     if not path.exists() and cfg.local_stack:
@@ -194,7 +216,7 @@ async def make_ports(cfg, *, core: CoreSystem | None = None, redis=None, referen
         keyring=keyring,
         pseudonymizer=_pseudonymizer(cfg),
         trust=build_trust_store(cfg.local_stack),
-        core=core or SqliteCoreSystem.for_config(cfg),
+        core=core or core_from_env(SqliteCoreSystem.for_config(cfg)),
         mail=SmtpMailSender.for_config(cfg, r),
         dupes=RedisDuplicateIndex(r),
         reference=ref,

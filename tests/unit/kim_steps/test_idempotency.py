@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from actors.kim.core_system import FaultyCoreSystem, SqliteCoreSystem
 from actors.kim.steps import run_step
 from actors.kim.steps.inline import run_mail_inline
@@ -79,3 +81,14 @@ async def test_smtp_failure_is_retried_then_sent_once(ports, gen):
     assert run.terminal == "@rejected"
     assert [t[2] for t in run.trail if t[0] == "answer_error"] == ["smtp_unavailable", "smtp_unavailable", None]
     assert len(ports.mail.sent) == 1
+
+
+def test_core_faults_from_env(tmp_path):
+    from actors.kim.ports import core_from_env
+
+    core = SqliteCoreSystem(tmp_path / "c.sqlite3")
+    assert core_from_env(core, "") is core
+    f = core_from_env(core, "error=0.1,lost_reply=0.2,slow=0.5,slow_s=0.01,seed=4")
+    assert isinstance(f, FaultyCoreSystem) and f.error_rate == 0.1 and f.lost_reply_rate == 0.2 and f.slow_s == 0.01
+    with pytest.raises(ValueError, match="unknown key"):
+        core_from_env(core, "explode=1")
