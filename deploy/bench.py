@@ -129,3 +129,8 @@ def bench_runtime(
         out.write_text(json.dumps(res, indent=2))
     if res["lost_or_duplicated"] != 0:
         raise typer.Exit(1)
+
+
+from actors.moped.bench import bench_moped  # noqa: E402
+
+bench_app.command("moped")(bench_moped)

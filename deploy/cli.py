@@ -229,6 +229,7 @@ from actors.tss.cli import sim_app, tss_app  # noqa: E402
 
 app.add_typer(tss_app, name="tss")
 app.add_typer(sim_app, name="sim")
+from actors.moped.cli import moped_app; app.add_typer(moped_app, name="moped")  # noqa: E402,E702
 from actors.efa.cli import bench_efa, efa_app; app.add_typer(efa_app, name="efa"); bench_app.command("efa")(bench_efa)  # noqa: E402,E702
 # <<< end of capability sub-apps
 

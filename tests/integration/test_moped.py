@@ -58,7 +58,7 @@ async def current_vid(client, case_id: str) -> int:
     return vid_of(r)
 
 
-async def test_full_stay_versions_and_provenance_chain(client, redis_client):
+async def test_full_stay_versions_and_provenance_chain(client, redis_client, cfg):
     case_id, vids = await run_stay(client)
     assert vids == [1, 2, 3, 4, 5, 6, 7]
 
@@ -103,6 +103,19 @@ async def test_full_stay_versions_and_provenance_chain(client, redis_client):
     assert r.status_code == 422 and "MopedSiegelComposition.final" in rules_of(r)
     assert await current_vid(client, case_id) == 7
 
+    # the operator's view: automat moped show
+    from typer.testing import CliRunner
+
+    from deploy.cli import app as cli_app
+
+    res = await asyncio.to_thread(CliRunner().invoke, cli_app, ["moped", "show", case_id, "--json"],
+                                  env={"AUTOMAT_RUN_DIR": str(cfg.run_dir)})
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output)
+    assert [r["activity"] for r in shown["versions"]] == [f"${o}" for o in ops]
+    assert shown["versions"][-1]["target"] == f"Composition/{case_id}/_history/7" and shown["sealed"] is True
+    assert "Muster" not in res.output
+
     # one boundary event per version (outbox -> Kafka), without personal data
     raw = await redis_client.xrevrange(OUTBOX_STREAM, count=5000)
     mine = [f for _, f in raw if f.get(b"key") == case_id.encode() and f.get(b"topic") == b"moped.composition"]
@@ -136,6 +149,25 @@ async def test_conflict_two_clients_on_version_4(client):
     assert vid_of(r2) == 6
     doc = await document(client, case_id)
     assert len(doc["Coverage"]) == 1 and len(doc["Procedure"]) == 4
+
+
+async def test_stale_version_answers_412_when_configured(base, cfg):
+    from ray import serve
+
+    from actors.moped.config import MopedConfig
+    from actors.moped.http import deployment
+
+    await asyncio.to_thread(serve.run, deployment(cfg, MopedConfig(conflict_status=412)), name="moped412",
+                            route_prefix="/moped412")
+    try:
+        async with httpx.AsyncClient(base_url=base + "412", timeout=60) as c:
+            case_id, v = await admit(c)
+            await post(c, case_id, v, "update", S.params("update", (S.urn(), S.procedure())))
+            r = await c.post(f"/Composition/{case_id}/_history/{v}/$update", headers=KH,
+                             json=S.params("update", (S.urn(), S.procedure())))
+            assert r.status_code == 412 and issues_of(r)[0]["code"] == "conflict"
+    finally:
+        await asyncio.to_thread(serve.delete, "moped412")
 
 
 async def test_specialised_rules_refused_with_precise_outcome(client):
