@@ -107,7 +107,7 @@ def load_blob(order: StepOrder, ports, name: str) -> bytes:
         return hit
     try:
         data = ports.blobs.get(ref)
-    except BlobNotFound:
+    except (BlobNotFound, ValueError):
         raise Transient("blob_missing", f"blob {name!r} is not in the blob store") from None
     except IntegrityError:
         raise Transient("blob_integrity", f"blob {name!r} fails its integrity check") from None

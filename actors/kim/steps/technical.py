@@ -52,7 +52,7 @@ async def load_raw(order, ports) -> StepOut:
     ref = blob_ref(order, "raw")
     try:
         raw = ports.blobs.get(ref)
-    except BlobNotFound:
+    except (BlobNotFound, ValueError):  # ValueError: not a valid blob ref
         raise Transient("blob_missing", "the raw mail is not in the blob store") from None
     except IntegrityError:
         raise Transient("blob_integrity", "the stored raw mail fails its integrity check") from None

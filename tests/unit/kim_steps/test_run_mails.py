@@ -190,6 +190,8 @@ async def test_run_step_never_raises(ports):
     res = await run_step(order, ports)
     # a lost blob is our fault, never the sender's: retried, then parked for an operator
     assert res.error and res.error.code == "blob_missing" and res.error.retryable
+    res = await run_step(order.model_copy(update={"blobs": {"raw": "not-a-blob-ref"}}), ports)
+    assert res.error.code == "blob_missing" and res.error.retryable
     res = await run_step(order.model_copy(update={"step": "no_such_step", "roadmap": "none"}), ports)
     assert res.error.code == "unknown_step"
     res = await run_step(order.model_copy(update={"step": "parse_mime", "blobs": {}}), ports)
