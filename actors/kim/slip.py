@@ -267,9 +267,10 @@ class RoutingSlip(Entity[SlipState]):
                 s.error_code = s.reason = None  # earlier retried errors stay in the history
                 self._finish("done", "done")
             elif d.status == "rejected":
-                self._finish("rejected", "rejected", code=code or "rejected", reason=reason)
+                self._finish("rejected", "rejected", code=code or s.error_code or "rejected",
+                             reason=s.reason if (not code and s.error_code) else reason)
             else:
-                self._park(code or "parked", reason)
+                self._park(code or s.error_code or "parked", reason)
 
     # -- handlers -----------------------------------------------------------------------
     @handles
