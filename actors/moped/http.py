@@ -123,7 +123,8 @@ def _bundle(btype: str, resources: list[dict[str, Any]], base: str, history: lis
     return b
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
 @serve.ingress(api)
 class MopedIngress:
     def __init__(self, cfg, mcfg: dict | None = None) -> None:

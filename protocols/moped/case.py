@@ -126,7 +126,11 @@ def apply_operation(state: CaseState, msg: Operate, case_id: str, custodian: str
     if sealed_issues:
         return None, OpResult(code="unprocessable", vid=state.vid, issues=sealed_issues)
 
-    new = state.model_copy(deep=True)
+    # copy-on-write: version records are never changed once written, resources are replaced
+    new = state.model_copy()
+    new.resources = dict(state.resources)
+    new.versions = list(state.versions)
+    new.milestones = list(state.milestones)
     new.case_id = case_id
     vid = state.vid + 1
     issues: list[Issue] = []
