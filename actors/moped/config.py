@@ -6,9 +6,7 @@ section is added there.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocols.moped.messages import Caller
@@ -24,13 +22,20 @@ DEV_TOKENS = {
 class MopedConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AUTOMAT_MOPED_", env_nested_delimiter="__", extra="forbid")
 
-    conflict_status: Literal[409, 412] = 409  # stale {vid}: HAPI answers 409, FHIR If-Match 412
+    conflict_status: int = 409  # stale {vid}: HAPI answers 409, FHIR If-Match 412
     max_body_bytes: int = Field(2_000_000, ge=1024)
     custodian: str = "Organization/moped-server"
     hosts: int | None = Field(None, ge=1, le=256)
     tokens: dict[str, Caller] = Field(default_factory=dict)
     dev_tokens: bool | None = None  # None: on when the configuration runs the local stack
     replicas: int = Field(1, ge=1, le=64)  # HTTP ingress replicas
+
+    @field_validator("conflict_status")
+    @classmethod
+    def _409_or_412(cls, v: int) -> int:
+        if v not in (409, 412):
+            raise ValueError("conflict_status must be 409 or 412")
+        return v
 
     def callers(self, cfg) -> dict[str, Caller]:
         use_dev = self.dev_tokens if self.dev_tokens is not None else bool(getattr(cfg, "local_stack", False))
