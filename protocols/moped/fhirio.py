@@ -74,6 +74,42 @@ def validation_issues(err: ValidationError, prefix: str) -> list[Issue]:
     return issues
 
 
+_ACTIVE = frozenset({"active", "cancelled", "draft", "entered-in-error"})
+_USE = frozenset({"claim", "preauthorization", "predetermination"})
+#: required bindings of top-level codes (fhir.resources checks the code's form, not its value set)
+REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
+    ("Bundle", "type"): frozenset({"document", "message", "transaction", "transaction-response", "batch",
+                                   "batch-response", "history", "searchset", "collection",
+                                   "subscription-notification"}),
+    ("Encounter", "status"): frozenset({"planned", "in-progress", "on-hold", "discharged", "completed", "cancelled",
+                                        "discontinued", "entered-in-error", "unknown"}),
+    ("Procedure", "status"): frozenset({"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed",
+                                        "entered-in-error", "unknown"}),
+    ("Observation", "status"): frozenset({"registered", "preliminary", "final", "amended", "corrected", "cancelled",
+                                          "entered-in-error", "unknown", "cannot-be-obtained"}),
+    ("QuestionnaireResponse", "status"): frozenset({"in-progress", "completed", "amended", "entered-in-error",
+                                                    "stopped"}),
+    ("Patient", "gender"): frozenset({"male", "female", "other", "unknown"}),
+    ("Coverage", "status"): _ACTIVE,
+    ("Coverage", "kind"): frozenset({"insurance", "self-pay", "other"}),
+    ("Claim", "status"): _ACTIVE,
+    ("Claim", "use"): _USE,
+    ("ClaimResponse", "status"): _ACTIVE,
+    ("ClaimResponse", "use"): _USE,
+    ("ClaimResponse", "outcome"): frozenset({"queued", "complete", "error", "partial"}),
+}
+
+
+def _binding_issues(resource: dict[str, Any], where: str) -> list[Issue]:
+    rt = resource.get("resourceType")
+    out = []
+    for (t, el), allowed in REQUIRED_CODES.items():
+        if t == rt and el in resource and resource[el] not in allowed:
+            out.append(Issue(code="code-invalid", rule="fhir-r5.binding", expression=f"{where}.{el}",
+                             message=f"{resource[el]!r} is not in the required value set ({', '.join(sorted(allowed))})"))
+    return out
+
+
 def validate_resource(resource: dict[str, Any], where: str) -> list[Issue]:
     """fhir.resources validation of one resource (R5). Returns issues (empty = valid)."""
     rtype = resource.get("resourceType")
@@ -88,7 +124,7 @@ def validate_resource(resource: dict[str, Any], where: str) -> list[Issue]:
         return validation_issues(e, where)
     except (TypeError, ValueError) as e:  # fhir.resources raises these for some shapes
         return [Issue(code="structure", rule="fhir-r5", expression=where, message=str(e)[:300])]
-    return []
+    return _binding_issues(resource, where)
 
 
 def parse_operation_body(raw: bytes, op: str) -> tuple[list[Entry], bool]:

@@ -181,6 +181,8 @@ def test_full_flow_decide_and_seal(admitted):
     (b"[]", 400, "json"),
     (b"\xff", 400, "json"),
     (json.dumps({"resourceType": "Bundle", "type": "collection", "total": "many"}).encode(), 400, "fhir-r5"),
+    (json.dumps({"resourceType": "Bundle", "type": "nonsense"}).encode(), 400, "fhir-r5.binding"),
+    (json.dumps(S.params("update", (None, dict(S.procedure(), status="done!")))).encode(), 400, "fhir-r5.binding"),
     (json.dumps(S.params("update", (None, {"resourceType": "Condition", "code": 5}))).encode(), 400, "fhir-r5"),
     (json.dumps(S.params("update", (None, {"resourceType": "Nope"}))).encode(), 422, "bundle-content.update"),
     (json.dumps(S.params("update", (None, {"resourceType": "Claim"}))).encode(), 422, "bundle-content.update"),
