@@ -58,10 +58,11 @@ def fixture_mails() -> list[Path]:
 
 def generated_mails(n: int, *, seed: int, fault_rate: float = 0.1, mailboxes=None):
     """``n`` generated mails: every procedure, every fault type once, then the benchmark mix."""
-    from protocols.kim.generator import SUPPORTED_FAULTS, Fault, MailGenerator
+    from protocols.kim.generator import SUPPORTED_FAULTS, MailGenerator, make_pki
     from protocols.kim.procedures import Procedure
 
-    gen = MailGenerator(seed=seed, mailboxes=mailboxes, oversize_bytes=2 * 1024 * 1024)
+    # signed under the local stack's trusted TEST-ONLY PKI (seed 0); content varies by seed
+    gen = MailGenerator(seed=seed, pki=make_pki(0), mailboxes=mailboxes, oversize_bytes=2 * 1024 * 1024)
     out = [gen.eau()]  # a valid eAU first (duplicates and Storno refer to it)
     for proc in (Procedure.EAU_LIEFERUNG, Procedure.EAU_STORNO, Procedure.EEB_ANFRAGE, Procedure.EBZ,
                  Procedure.AAR, Procedure.EMAILPLUS):
@@ -91,7 +92,8 @@ async def demo(cfg, router, console) -> None:
     console.print(f"[bold]KIM demo[/]: generating {n} KIM mails (every procedure, faults included) "
                   f"+ {len(fixture_mails())} real fixture mails into {len(users)} mailboxes ...")
     mails = await asyncio.to_thread(generated_mails, n, seed=random.randrange(1 << 30), fault_rate=0.1)
-    raws = [m.raw for m in mails] + [p.read_bytes() for p in fixture_mails()]
+    tag = f"X-Automat-Demo-Run: {time.time_ns()}\r\n".encode()  # fixtures: new content hash per run
+    raws = [m.raw for m in mails] + [tag + p.read_bytes() for p in fixture_mails()]
     ids = set()
     t0 = time.monotonic()
     for i, raw in enumerate(raws):
