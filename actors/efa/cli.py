@@ -190,7 +190,7 @@ async def _bench(cfg, records: int, ops: int, concurrency: int, port: int, doc_b
     pids = await asyncio.gather(*[h.pid.remote() for h in rec_hosts])
     rss0 = sum(_rss(p) for p in pids)
 
-    router = Router(cfg)
+    router = Router(cfg, kinds=ks)
     ps = Pseudonymizer.from_file(cfg.crypto.pseudonym_key_file)
     run = uuid.uuid4().hex[:8]
     sub, org = f"bench-arzt-{run}", f"bench-org-{run}"
@@ -214,7 +214,7 @@ async def _bench(cfg, records: int, ops: int, concurrency: int, port: int, doc_b
     rss1 = sum(_rss(p) for p in pids)
 
     await asyncio.to_thread(serve.start, http_options={"host": "127.0.0.1", "port": port})
-    await asyncio.to_thread(serve.run, build_app(cfg), name="efa", route_prefix="/efa")
+    await asyncio.to_thread(serve.run, build_app(cfg, access_log=False), name="efa", route_prefix="/efa")
     base = f"http://127.0.0.1:{port}/efa"
     http = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency,
                                                            max_keepalive_connections=concurrency))
@@ -260,7 +260,10 @@ async def _bench(cfg, records: int, ops: int, concurrency: int, port: int, doc_b
 
         for chunk in range(0, len(keys), 500):
             ks_ = keys[chunk:chunk + 500]
-            raws = await asyncio.gather(*[r.hget(state_key("efa.record", k), "s") for k in ks_])
+            pipe = r.pipeline(transaction=False)
+            for k in ks_:
+                pipe.hget(state_key("efa.record", k), "s")
+            raws = await pipe.execute()
             for k, raw in zip(ks_, raws):
                 if raw:
                     st = RecordState.model_validate_json(blobs.keyring.decrypt(raw, f"efa.record:{k}".encode()))

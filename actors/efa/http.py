@@ -129,5 +129,8 @@ class EfaIngress:
         return await self.svc.retrieve(await self._caller(token), body.document_ids)
 
 
-def build_app(cfg, replicas: int = 1):
-    return EfaIngress.options(num_replicas=replicas).bind(cfg)
+def build_app(cfg, replicas: int = 1, *, access_log: bool = True):
+    opts = {"num_replicas": replicas}
+    if not access_log:
+        opts["logging_config"] = {"enable_access_log": False}
+    return EfaIngress.options(**opts).bind(cfg)
