@@ -3,7 +3,9 @@
 1. admits ``--cases`` cases concurrently, then runs ``--ops`` ``$update`` operations on
    every case, all cases at once (each case sequential: it posts on the version it got);
    prints operations/s and latency percentiles;
-2. ``--writers`` clients write to one case at once, each ``--writes`` times, re-reading
+2. (``--router``) the same case workload straight through the router, to tell the HTTP /
+   Serve / FHIR-parsing cost from the entity path;
+3. ``--writers`` clients write to one case at once, each ``--writes`` times, re-reading
    and retrying on 409: prints the conflicts handled and checks that no update was lost.
 """
 
@@ -129,6 +131,54 @@ async def _run(base: str, cases: int, ops: int, writers: int, writes: int, conne
     }
 
 
+async def _run_router(cfg, cases: int, ops: int) -> dict:
+    """The same case workload straight through the router (no HTTP, no FHIR parsing)."""
+    import json as _json
+    import uuid
+    from datetime import datetime, timezone
+
+    from actors.moped.composition import KIND
+    from actors.moped.config import DEV_TOKENS
+    from actors.runtime.router import Router
+    from protocols.moped.fhirio import parse_operation_body
+    from protocols.moped.messages import Operate
+
+    kh = DEV_TOKENS["dev-kh"]
+    adm, _ = parse_operation_body(_json.dumps(S.admission()).encode(), "aufnehmen")
+    upd, _ = parse_operation_body(_json.dumps(S.params("update", (S.urn(), S.procedure()))).encode(), "update")
+    router = Router(cfg)
+    lat: list[float] = []
+    errors = 0
+
+    def at() -> str:
+        return datetime.now(timezone.utc).isoformat()
+
+    ids = [str(uuid.uuid4()) for _ in range(cases)]
+    t0 = time.perf_counter()
+    await asyncio.gather(*[router.ask(KIND, c, Operate(op="aufnehmen", entries=adm, caller=kh, at=at())) for c in ids])
+    t_admit = time.perf_counter() - t0
+
+    async def work(c: str) -> None:
+        nonlocal errors
+        v = 1
+        for _ in range(ops):
+            t = time.perf_counter()
+            r = await router.ask(KIND, c, Operate(op="update", vid=v, entries=upd, caller=kh, at=at()))
+            lat.append((time.perf_counter() - t) * 1000)
+            if r.code != "ok":
+                errors += 1
+                return
+            v = r.vid
+
+    t1 = time.perf_counter()
+    await asyncio.gather(*[work(c) for c in ids])
+    dt = time.perf_counter() - t1
+    await router.close()
+    return {"router_admit_per_s": round(cases / t_admit, 1), "router_ops_per_s": round(len(lat) / dt, 1),
+            "router_op_p50_ms": round(_pct(lat, 50), 1), "router_op_p99_ms": round(_pct(lat, 99), 1),
+            "router_errors": errors, "_router_ids": ids}
+
+
 async def _cleanup(cfg, ids: list[str]) -> None:
     import redis.asyncio as aioredis
 
@@ -152,6 +202,8 @@ def bench_moped(
     connections: int = typer.Option(100, help="HTTP connections of the load client"),
     port: int = typer.Option(18100, help="Serve HTTP port for the bench"),
     keep: bool = typer.Option(False, help="keep the bench cases in Redis"),
+    router: bool = typer.Option(True, "--router/--no-router",
+                                help="also run the case workload straight through the router (no HTTP)"),
     out: Path = typer.Option(None, help="write the result as JSON here"),
 ) -> None:
     """MOPED $update operations/s and p99 over HTTP with many concurrent cases; conflicts
@@ -187,6 +239,10 @@ def bench_moped(
         serve_app(cfg)
         res = asyncio.run(_run(f"http://127.0.0.1:{port}/moped", cases, ops, writers, writes, connections))
         ids = res.pop("_case_ids")
+        if router:
+            rres = asyncio.run(_run_router(cfg, cases, ops))
+            ids += rres.pop("_router_ids")
+            res.update(rres)
         if not keep:
             asyncio.run(_cleanup(cfg, ids))
     finally:
@@ -204,5 +260,5 @@ def bench_moped(
                   "them; every operation is FHIR-validated and a durable, encrypted new version + Provenance")
     if out:
         out.write_text(json.dumps(res, indent=2))
-    if res["lost_updates"] or res["cases_with_wrong_final_version"] or res["errors"]:
+    if res["lost_updates"] or res["cases_with_wrong_final_version"] or res["errors"] or res.get("router_errors"):
         raise typer.Exit(1)
