@@ -305,3 +305,275 @@ def env_cfg():
     from actors.runtime.config import load_config
 
     return load_config(run_dir=Path(__file__).resolve().parents[2] / ".run")
+
+
+# --------------------------------------------------------------------------- switches
+# In-process listeners (the same class the supervisor runs as an actor) against the real
+# shard hosts: one per configuration, fast to start.
+
+
+async def local(env, config: dict, moped_url: str | None = None, **extra) -> Hl7Listener:
+    config = {"name": f"l{uuid.uuid4().hex[:8]}", "transport": "tcp", "tcp": {"port": free_port()}, **config}
+    config.setdefault("mapping", {"rows": [{"billing_unit": env.unit}]})
+    s = InterfaceSettings.model_validate({"config": config, **extra})
+    lst = Hl7Listener(env_cfg(), s.model_dump(mode="json"), moped_url)
+    await lst.ready()
+    env.locals.append(lst)
+    return lst
+
+
+async def feed(lst: Hl7Listener, *messages: str) -> list[list[str]]:
+    """Process messages as if received; returns [MSA-1, MSA-2, MSA-3] of each ACK."""
+    out = []
+    for m in messages:
+        acks = await lst.process(m.replace("\r", "\r").encode(), "test")
+        out.extend(msa(a.er7.encode())[1:4] for a in acks)
+    return out
+
+
+@pytest.fixture
+async def lenv(env):
+    env.locals = []
+    yield env
+    for lst in env.locals:
+        await lst.stop()
+
+
+async def eventually(fn, timeout_s: float = 15.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = await fn()
+        if r or time.monotonic() > deadline:
+            return r
+        await asyncio.sleep(0.1)
+
+
+async def test_switch_patient_and_order_fields(lenv):
+    msg = adt("A01", "IDF1", "P7", "C7", pid2="ALT7", pid18="ACC7")
+    for choice, unit, (pat, case) in (("PID-3/PV1-19", "M", ("P7", "C7")), ("PID-2/PV1-19", "S", ("ALT7", "C7")),
+                                      ("PID-3/PID-18", "P", ("P7", "ACC7"))):
+        u = lenv.unit + unit
+        lst = await local(lenv, {"id_fields": choice, "case_creation": "background",
+                                 "mapping": {"rows": [{"billing_unit": u}]}})
+        assert (await feed(lst, msg))[0][0] == "AA"
+        p = await lenv.patient(pat, unit=u)
+        assert p.exists and p.patient_number == pat, choice
+        c = await lenv.case(f"{u}/{case}")
+        assert c.exists and c.case_number == case and c.patient_number == pat, choice
+    # the configured field must be filled: PID-2 empty with the SMS setting -> AE naming it
+    lst = await local(lenv, {"id_fields": "PID-2/PV1-19"})
+    (ack,) = await feed(lst, adt("A01", "IDF2", "P8", "C8"))
+    assert ack[0] == "AE" and "PID-2" in ack[2]
+
+
+async def test_switch_mapping_table_chooses_the_billing_unit(lenv):
+    u = lenv.unit
+    rows = [{"patient_class": "O", "contract_code": "K", "billing_unit": f"{u}A"},
+            {"patient_class": "O", "billing_unit": f"{u}B"},
+            {"patient_class": "I", "function_area": "STAT1", "billing_unit": f"{u}C"},
+            {"patient_class": "I", "function_area": "STAT1", "discipline": "GYN", "billing_unit": f"{u}D"}]
+    lst = await local(lenv, {"case_creation": "background", "mapping": {"rows": rows}})
+    acks = await feed(lst, adt("A01", "M1", "M1", "MC1", patient_class="O", contract="K"),
+                      adt("A01", "M2", "M2", "MC2", patient_class="O", contract="P"),
+                      adt("A01", "M3", "M3", "MC3", patient_class="I", ward="STAT1", dept="CHIR"),
+                      adt("A01", "M4", "M4", "MC4", patient_class="I", ward="STAT1", dept="GYN"),
+                      adt("A01", "M5", "M5", "MC5", patient_class="I", ward="STAT9"))
+    assert [a[0] for a in acks] == ["AA", "AA", "AA", "AA", "AE"]
+    assert "unknown billing unit" in acks[4][2]
+    for n, unit in (("M1", "A"), ("M2", "B"), ("M3", "C"), ("M4", "D")):
+        assert (await lenv.patient(n, unit=f"{u}{unit}")).exists, n
+    assert not (await lenv.patient("M5", unit=f"{u}C")).exists
+
+
+async def pending_keys(env, unit=None) -> list[str]:
+    return [e.patient_key for _, e in await ops.pending(env.router, [unit or env.unit])]
+
+
+async def test_switch_case_creation_no(lenv):
+    lst = await local(lenv, {"case_creation": "no"})
+    assert (await feed(lst, adt("A01", "N1", "N1", "NC1")))[0][0] == "AA"
+    p = await lenv.patient("N1")
+    assert p.exists and not p.taken and p.case_keys == []
+    assert not (await lenv.case(f"{lenv.unit}/NC1")).exists  # master data only, never a case
+    assert await eventually(lambda: _has(pending_keys(lenv), p.key))
+    res = await ops.take(lenv.router, [lenv.unit], p.key[:12])
+    assert res.ok and res.cases_created == 0
+    assert await eventually(lambda: _lacks(pending_keys(lenv), p.key))
+
+
+async def test_switch_case_creation_yes_is_completed_on_take_over(lenv):
+    lst = await local(lenv, {"case_creation": "yes"})
+    await feed(lst, adt("A01", "Y1", "Y1", "YC1"))
+    p = await lenv.patient("Y1")
+    c = await lenv.case(f"{lenv.unit}/YC1")
+    assert not p.taken and c.exists and c.status == "pending" and not c.created
+    assert await eventually(lambda: _has(pending_keys(lenv), p.key))
+    res = await ops.take(lenv.router, [lenv.unit], p.key)
+    assert res.ok and res.cases_created == 1
+    c = await eventually(lambda: _created(lenv, f"{lenv.unit}/YC1"))
+    assert c.status == "open"
+    assert await eventually(lambda: _lacks(pending_keys(lenv), p.key))
+
+
+async def test_switch_case_creation_background_and_all_background(lenv):
+    for mode in ("background", "all_background"):
+        u = lenv.unit + mode[:3]
+        lst = await local(lenv, {"case_creation": mode, "mapping": {"rows": [{"billing_unit": u}]}})
+        await feed(lst, adt("A01", "B1", "B1", "BC1"))
+        p = await lenv.patient("B1", unit=u)
+        c = await lenv.case(f"{u}/BC1")
+        assert p.taken and c.created and c.status == "open", mode
+        assert await pending_keys(lenv, u) == []
+    from actors.hl7.messages import TakeOver
+
+    refused = await lenv.router.ask(PATIENT, p.key, TakeOver(at=time.time()))
+    assert not refused.ok and "background" in refused.reason
+
+
+async def _has(coro, key):
+    return key in await coro
+
+
+async def _lacks(coro, key):
+    return key not in await coro
+
+
+async def _created(env, dk):
+    c = await env.case(dk)
+    return c if c.created else None
+
+
+@pytest.mark.parametrize("scope", ["per_order", "per_billing_unit"])
+async def test_switch_case_scope_on_a_billing_unit_change(lenv, scope):
+    u = lenv.unit
+    rows = [{"patient_class": "E", "billing_unit": f"{u}KASSE"}, {"patient_class": "O", "billing_unit": f"{u}BG"}]
+    lst = await local(lenv, {"case_creation": "background", "case_scope": scope, "mapping": {"rows": rows}})
+    # emergency ward (Kasse) first, then the surgical outpatient clinic (BG)
+    acks = await feed(lst, adt("A04", "S1", "S1", "SC1", patient_class="E"),
+                      adt("A08", "S2", "S1", "SC1", patient_class="O"))
+    assert [a[0] for a in acks] == ["AA", "AA"]
+    kasse, bg = f"{u}KASSE", f"{u}BG"
+    if scope == "per_order":
+        c = await lenv.case("SC1")  # one case per order: it moved, the Kasse case is gone
+        assert c.billing_unit == bg and c.billing_units_removed == [kasse] and c.events == ["A04", "A08"]
+
+        async def detached():
+            return (await lenv.patient("S1", unit=kasse)).case_keys == []
+
+        assert await eventually(detached)
+        assert (await lenv.patient("S1", unit=bg)).case_keys == [c.key]
+        assert not (await lenv.case(f"{kasse}/SC1")).exists
+    else:
+        a, b = await lenv.case(f"{kasse}/SC1"), await lenv.case(f"{bg}/SC1")  # a case in each unit
+        assert a.exists and b.exists and a.billing_unit == kasse and b.billing_unit == bg
+        assert a.events == ["A04"] and b.events == ["A08"]
+        assert (await lenv.patient("S1", unit=kasse)).case_keys == [a.key]
+        assert (await lenv.patient("S1", unit=bg)).case_keys == [b.key]
+
+
+async def test_switch_case_per_order_segment(lenv):
+    lst = await local(lenv, {"case_creation": "background", "order_interface": True, "case_per_order_segment": True})
+    acks = await feed(lst, adt("A01", "O1", "O1", "OC1", orc=["ORD1", "ORD2"]), adt("A01", "O2", "O2", "OC2"))
+    assert acks[0][0] == "AA" and acks[1][0] == "AE" and "ORC" in acks[1][2]
+    for o in ("ORD1", "ORD2"):
+        c = await lenv.case(f"{lenv.unit}/OC1/{o}")
+        assert c.exists and c.orders == [o]
+    assert (await lenv.patient("O1")).case_keys.__len__() == 2
+    # without the switch: one case for the stay
+    lst2 = await local(lenv, {"case_creation": "background", "order_interface": True,
+                              "mapping": {"rows": [{"billing_unit": lenv.unit + "X"}]}})
+    await feed(lst2, adt("A01", "O3", "O1", "OC1", orc=["ORD1", "ORD2"]))
+    assert (await lenv.case(f"{lenv.unit}X/OC1")).exists
+
+
+async def test_switch_discharge_diagnosis_types(lenv):
+    msg = adt("A03", "D1", "D1", "DC1", dg1=[("K35.8", "F"), ("R10.3", "A")])
+    lst = await local(lenv, {"case_creation": "background"})  # default: F (final) only
+    await feed(lst, msg)
+    assert [d.code for d in (await lenv.case(f"{lenv.unit}/DC1")).diagnoses] == ["K35.8"]
+    u2 = lenv.unit + "2"
+    lst = await local(lenv, {"case_creation": "background", "discharge_diagnosis_types": ["A"],
+                             "mapping": {"rows": [{"billing_unit": u2}]}})
+    await feed(lst, msg)
+    assert [d.code for d in (await lenv.case(f"{u2}/DC1")).diagnoses] == ["R10.3"]
+
+
+async def test_switch_diagnosis_case_types(lenv):
+    msg = adt("A03", "T1", "T1", "TC1", dg1=[("K35.8", "F")])
+    for allowed, unit, expect in ((["statutory", "bg"], "a", []), (["private"], "b", ["K35.8"])):
+        u = lenv.unit + unit
+        lst = await local(lenv, {"case_creation": "background", "diagnosis_case_types": allowed,
+                                 "mapping": {"rows": [{"billing_unit": u, "case_type": "private"}]}})
+        await feed(lst, msg)
+        assert [d.code for d in (await lenv.case(f"{u}/TC1")).diagnoses] == expect, allowed
+
+
+async def test_switch_purge_after_days(lenv):
+    from datetime import datetime
+
+    discharged = datetime(2026, 3, 1, 10, 15).timestamp()
+    msg = adt("A03", "PU1", "PU1", "PUC1", discharge_ts="20260301101500")
+    lst = await local(lenv, {"case_creation": "no", "purge_after_days": 10})
+    await feed(lst, msg)
+    p = await lenv.patient("PU1")
+    assert p.exists and p.discharged_at is not None
+    assert await eventually(lambda: _has(pending_keys(lenv), p.key))
+    day = 86400
+    assert (await lenv.router.ask(PATIENT, p.key, PurgeCheck(now=discharged + 9 * day))).exists
+    assert (await lenv.router.ask(PATIENT, p.key, PurgeCheck(now=discharged + 11 * day))).purged
+    assert not (await lenv.patient("PU1")).exists
+    assert await eventually(lambda: _lacks(pending_keys(lenv), p.key))
+    # no purge period: kept
+    u = lenv.unit + "K"
+    lst = await local(lenv, {"case_creation": "no", "mapping": {"rows": [{"billing_unit": u}]}})
+    await feed(lst, msg)
+    p = await lenv.patient("PU1", unit=u)
+    assert (await lenv.router.ask(PATIENT, p.key, PurgeCheck(now=discharged + 400 * day))).exists
+
+
+async def test_switch_custom_framing_over_tcp(lenv):
+    framing = {"start_char": 0x02, "end_char": 0x03, "after_end_char": None, "segment_separator": 0x0A}
+    lst = await local(lenv, {"case_creation": "background", "tcp": {"port": free_port(), "framing": framing}})
+    f = Framing(start=b"\x02", end=b"\x03", after_end=b"", segment_sep=b"\n")
+    async with Hl7Client("127.0.0.1", lst.port, f) as c:
+        a = await c.request(adt("A01", "FR1", "FR1", "FRC1").replace("\r", "\n"))
+        assert msa(a)[1:3] == ["AA", "FR1"] and b"\r" not in a
+        # MLLP bytes are garbage to this interface: rejected, connection kept
+        await c.send_raw(Framing().encode(adt("A08", "FR2", "FR1", "FRC1").encode()))
+        await c.send(adt("A08", "FR3", "FR1", "FRC1").replace("\r", "\n"))
+        answers = [await c.recv(), await c.recv()]
+        assert msa(answers[-1])[1:3] == ["AA", "FR3"]
+    assert (await lenv.case(f"{lenv.unit}/FRC1")).exists
+
+
+async def test_switch_file_reading_only_in_background_modes(lenv, tmp_path):
+    drop, archive = tmp_path / "in", tmp_path / "arch"
+    lst = await local(lenv, {"transport": "file", "case_creation": "yes",
+                             "file": {"directory": str(drop), "archive_directory": str(archive)}},
+                      file_poll_s=0.1, file_settle_s=0.0)
+    (drop / "x.hl7").write_text(adt("A01", "F1", "F1", "FC1"))
+    await asyncio.sleep(0.6)
+    assert (drop / "x.hl7").exists()  # not polled: "yes" reads on demand (LKIS / 3.)
+    assert (await lst.scan())["files"] == 1
+    assert not (drop / "x.hl7").exists() and (await lenv.patient("F1")).exists
+
+
+async def test_adt_events_and_cancellations_apply_in_order(lenv):
+    lst = await local(lenv, {"case_creation": "background"})
+    n = lenv.unit
+    acks = await feed(lst,
+                      adt("A01", "E1", "E1", "EC1", ward="NOTF"),
+                      adt("A02", "E2", "E1", "EC1", ward="CHIR1"),
+                      adt("A12", "E3", "E1", "EC1", ward="CHIR1"),  # transfer cancelled
+                      adt("A03", "E4", "E1", "EC1", ward="NOTF", discharge_ts="20260305120000"),
+                      adt("A13", "E5", "E1", "EC1", ward="NOTF"))  # discharge cancelled
+    assert [a[0] for a in acks] == ["AA"] * 5
+    c = await lenv.case(f"{n}/EC1")
+    assert c.events == ["A01", "A02", "A12", "A03", "A13"]
+    assert c.status == "open" and c.discharge_at is None and c.point_of_care == "NOTF"
+    assert [m.event for m in c.movements] == ["A01", "A03"]
+    await feed(lst, adt("A11", "E6", "E1", "EC1"))
+    assert (await lenv.case(f"{n}/EC1")).status == "cancelled"
+    # the same message again (a resend after a lost ACK) is acknowledged, not applied twice
+    await feed(lst, adt("A11", "E6", "E1", "EC1"))
+    assert (await lenv.case(f"{n}/EC1")).events == ["A01", "A02", "A12", "A03", "A13", "A11"]
