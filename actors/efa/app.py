@@ -28,7 +28,7 @@ def supervisor_spec(cfg, *, name: str = "efa") -> SupervisorSpec:
                           parallel_start=True, children=hosts)
 
 
-def start_http(cfg, *, route_prefix: str = "/efa", port: int = 18000):
+def start_http(cfg, *, route_prefix: str = "/efa", port: int = 8000):
     """Deploy the HTTP ingress on Ray Serve (``http://127.0.0.1:<port><route_prefix>``)."""
     from ray import serve
 
@@ -39,7 +39,7 @@ def start_http(cfg, *, route_prefix: str = "/efa", port: int = 18000):
     return f"http://127.0.0.1:{port}{route_prefix}"
 
 
-async def demo(cfg, router, console) -> None:
+async def demo(cfg, router, console, *, base_url: str | None = None) -> None:
     """Open two contexts, create a record, merge, provide, list, retrieve — over HTTP."""
     import asyncio
     import time
@@ -48,7 +48,7 @@ async def demo(cfg, router, console) -> None:
     from actors.efa.client import EfaClient, enrol_credential
     from protocols.efa.api import Consent
 
-    base = await asyncio.to_thread(start_http, cfg)
+    base = base_url or await asyncio.to_thread(start_http, cfg)
     console.print(f"[bold]efa[/] HTTP API on {base} (OpenAPI: {base}/openapi.json)")
     a = EfaClient(base)
     b = EfaClient(base)

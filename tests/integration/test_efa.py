@@ -337,3 +337,19 @@ async def test_consent_expiry_drives_the_lifecycle(cfg, efa, router, redis_clien
     assert not blobs.exists(blob_ref)
     assert await codes(a.list_content(rec.partition_id)) == (403, "record_not_open")
     await a.aclose()
+
+
+async def test_demo_and_openapi(cfg, efa, router):
+    from rich.console import Console
+
+    from actors.efa.app import demo, supervisor_spec
+
+    console = Console(record=True, width=200)
+    await demo(cfg, router, console, base_url=efa)
+    text = console.export_text()
+    assert "createECR (arzt-a): created" in text and "['Arztbrief']" in text
+    async with httpx.AsyncClient() as h:
+        spec = (await h.get(f"{efa}/openapi.json")).json()
+    assert {"/records", "/partitions/query", "/partitions/{partition_id}/documents", "/documents/retrieve",
+            "/context"} <= set(spec["paths"])
+    assert {c.name for c in supervisor_spec(cfg).children} >= {"efa.record.host.0", "efa.patient.host.0"}
