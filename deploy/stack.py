@@ -503,6 +503,40 @@ class LocalStack:
             out[n] = [p for p in process_tree(pid) if _alive(p)] if pid else []
         return out
 
+    def kill(self, service: str) -> list[int]:
+        """SIGKILL a service's whole process tree: a crash, no clean shutdown (chaos runs).
+
+        Returns the pids killed ([] if it was not running). Does not start it again.
+        """
+        with self._lock():
+            return self._kill_locked(self._services[self._select([service])[0]])
+
+    def _kill_locked(self, svc: _Service) -> list[int]:
+        pid = svc.pid()
+        if pid is None:
+            return []
+        tree = process_tree(pid)
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+            time.sleep(0.01)
+        return tree
+
+    def restart(self, service: str, *, hard: bool = True) -> float:
+        """Stop a service (``hard``: SIGKILL its tree, a crash; else SIGTERM) and start it
+        again; returns the seconds until it answers again. Only this stack's run dir."""
+        t0 = time.monotonic()
+        with self._lock():
+            svc = self._services[self._select([service])[0]]
+            if hard:
+                self._kill_locked(svc)
+            else:
+                self._stop_one(svc)
+            self._start_one(svc)
+        return time.monotonic() - t0
+
     def ensure_secrets(self) -> None:
         """Create the AES key file and the pseudonym key once (mode 0600); never overwrite."""
         keys_file = Path(self.cfg.crypto.keys_file)
