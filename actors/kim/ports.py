@@ -161,6 +161,10 @@ def core_from_env(core: CoreSystem, spec: str | None = None) -> CoreSystem:
     spec = spec if spec is not None else os.environ.get("AUTOMAT_KIM_CORE_FAULTS", "")
     if not spec.strip():
         return core
+    if spec.strip().startswith("file:"):  # live-switchable faults (chaos runs): actors/kim/core_faults.py
+        from actors.kim.core_faults import ControlledFaults
+
+        return ControlledFaults(core, spec.strip()[5:])
     from actors.kim.core_system import FaultyCoreSystem
 
     names = {"error": "error_rate", "timeout": "timeout_rate", "lost_reply": "lost_reply_rate", "slow": "slow_rate",
