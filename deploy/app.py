@@ -51,14 +51,14 @@ def all_kinds(cfg: AutomatConfig) -> list[EntityKind]:
 
 
 def infra_spec(cfg: AutomatConfig) -> SupervisorSpec:
-    return SupervisorSpec(
-        name="infra",
-        strategy="one_for_one",
-        children=[
-            ChildSpec(name="outbox.relay", actor="actors.runtime.outbox:OutboxRelay", args=[cfg],
-                      options={"num_cpus": 0}),
-        ],
-    )
+    children = [
+        ChildSpec(name="outbox.relay", actor="actors.runtime.outbox:OutboxRelay", args=[cfg],
+                  options={"num_cpus": 0}),
+    ]
+    if cfg.autoscale.enabled:  # grows/shrinks step pools and shard hosts, asks Ray for nodes
+        children.append(ChildSpec(name="autoscaler", actor="actors.runtime.autoscaler:Autoscaler", args=[cfg],
+                                  options={"num_cpus": 0}))
+    return SupervisorSpec(name="infra", strategy="one_for_one", children=children)
 
 
 def root_spec(cfg: AutomatConfig) -> SupervisorSpec:
@@ -117,6 +117,20 @@ def start_ray(cfg: AutomatConfig, *, dashboard: bool = True) -> str:
     return getattr(ctx, "dashboard_url", "") or ""
 
 
+def quiet_serve(port: int = 8000) -> None:
+    """Start Ray Serve (HTTP on 127.0.0.1:``port``) with warnings only and no access log,
+    so the demos' own output stays readable; later ``serve.start`` calls reuse it."""
+    from ray import serve
+
+    for name in ("ray.serve", "ray.serve.api"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
+    except Exception as e:  # port taken etc.: the demos report it themselves
+        logging.getLogger("automat.app").warning("serve not started: %s", e)
+
+
 def use_running_cluster(cfg: AutomatConfig) -> None:
     """For operator commands: point at the cluster ``automat run`` started (unless
     ``RAY_ADDRESS`` says otherwise), so they never attach to some other local Ray."""
@@ -173,6 +187,7 @@ def run_main(cfg: AutomatConfig, *, demo: bool = True, duration_s: float | None 
         router = Router(cfg)
         try:
             if demo:
+                quiet_serve()
                 for m in capability_modules():
                     fn = getattr(m, "demo", None)
                     if fn is not None and not stop.is_set():
