@@ -7,6 +7,7 @@
 #   make stack-up    start the local stack (Redis, Tansu, Dovecot, SMTP sink) on 127.0.0.1
 #   make stack-down  stop it
 #   make clean       stop the stack, remove .run/ and caches (keeps .venv)
+#   make loadtest    `automat loadtest` (KIM benchmark): MAILS=240000, LOADTEST_ARGS='--rate 7 ...'
 #
 # Variables: PYTHON (python3), PYTEST_ARGS (e.g. PYTEST_ARGS='-x tests/unit').
 
@@ -38,8 +39,15 @@ RUN_ENV := TMPDIR=$(RAY_TMP) RAY_TMPDIR=$(RAY_TMP) RAY_AUTH_MODE=disabled RAY_US
 
 .PHONY: help run test system venv stack-up stack-down stack-status clean
 
+MAILS ?= 240000
+LOADTEST_ARGS ?=
+.PHONY: loadtest
+loadtest: system venv
+	@mkdir -p $(RAY_TMP)
+	$(RUN_ENV) $(AUTOMAT) loadtest --mails $(MAILS) $(LOADTEST_ARGS)
+
 help:
-	@sed -n '1,12p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '1,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 run: system venv
 	@mkdir -p $(RAY_TMP)

@@ -48,7 +48,9 @@ from urllib.parse import urlsplit
 from actors.runtime.config import AutomatConfig
 
 SERVICES = ("redis", "kafka", "imap", "smtp")
-IMAP_USERS = tuple(f"kasse{i:02d}" for i in range(1, 21)) + ("demo",)
+#: ``load01``..``load100``: the mailboxes of ``automat loadtest`` (never used by the tests)
+LOADTEST_USERS = tuple(f"load{i:02d}" for i in range(1, 101))
+IMAP_USERS = tuple(f"kasse{i:02d}" for i in range(1, 21)) + ("demo",) + LOADTEST_USERS
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 _LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -586,6 +588,27 @@ class LocalStack:
     def imap_password(user: str) -> str:
         return imap_password(user)
 
+    @staticmethod
+    def _users_text() -> str:
+        return "".join(f"{u}:{{PLAIN}}{imap_password(u)}::::::\n" for u in IMAP_USERS)
+
+    def ensure_imap_users(self) -> bool:
+        """Bring the users file of a running Dovecot up to :data:`IMAP_USERS` (a stack
+        started by an older checkout lacks the loadtest users). Dovecot re-reads the
+        passwd-file when it changes. Returns True if it was rewritten."""
+        users = self.imap_dir / "users"
+        text = self._users_text()
+        if not users.exists() or users.read_text() == text:
+            return False
+        st = users.stat()
+        tmp = users.with_name(".users.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, st.st_mode & 0o777)
+        with contextlib.suppress(PermissionError):
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, users)
+        return True
+
     def sink_messages(self) -> list[Message]:
         """Every message the SMTP sink has received (oldest first by file time)."""
         if not self.smtp_mailbox.exists():
@@ -861,7 +884,7 @@ class LocalStack:
         os.chmod(mail, 0o755)
         self._ensure_cert()
         users = d / "users"
-        users.write_text("".join(f"{u}:{{PLAIN}}{imap_password(u)}::::::\n" for u in IMAP_USERS))
+        users.write_text(self._users_text())
         try:
             os.chown(users, 0, grp.getgrnam("dovecot").gr_gid)
             os.chmod(users, 0o640)

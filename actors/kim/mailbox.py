@@ -6,7 +6,8 @@ fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is syn
 1. connect over TLS (``imap.ssl_port``, verified against ``imap.ca_file``), SELECT INBOX;
 2. cursor = (UIDVALIDITY, last UID) from Redis hash ``automat:kim:cursor`` (field = the
    mailbox user); a changed UIDVALIDITY rescans from UID 1;
-3. for each new mail (UID > last): raw bytes -> encrypted blob (claim check) ->
+3. for each new mail (UID > last): raw bytes -> encrypted blob (claim check; a fetched
+   chunk is made durable with one group commit of the blob store) ->
    ``ask kim.slip Receive`` with ``mail_id = HMAC(Message-ID + sha256(raw))`` -> when the
    slip owns it (created or already owned): MOVE to ``Verarbeitet`` -> advance the cursor;
 4. no new mail: IDLE (if offered) until the server says EXISTS or ``idle_timeout_s``,
@@ -229,13 +230,22 @@ class MailboxFetcher(Supervised):
         now = time.time()
         owned: list[int] = []
 
-        async def one(uid: int) -> None:
+        # claim checks first: every raw mail of the chunk written, then ONE durability
+        # barrier for all of them (group commit), then the slips are created
+        raws: dict[int, bytes] = {}
+        for uid in uids:
             data = fetched.get(uid)
-            if not data or b"BODY[]" not in data:
-                return  # vanished meanwhile (moved by an earlier incarnation)
-            raw = bytes(data[b"BODY[]"])
+            if data and b"BODY[]" in data:  # else: vanished meanwhile (moved by an earlier incarnation)
+                raws[uid] = bytes(data[b"BODY[]"])
+        refs = await self._run(self._put_blobs, list(raws.values()))
+        ref_of = dict(zip(raws, refs))
+
+        async def one(uid: int) -> None:
+            raw = raws.get(uid)
+            if raw is None:
+                return
             mail_id = mail_id_of(self.pseudo, raw)
-            ref = await self._run(self._put_blob, raw)
+            ref = ref_of[uid]
             procedure = peek_procedure(raw).value  # header only: picks the road map
             reply = await self.router.ask("kim.slip", mail_id, Receive(
                 mail_id=mail_id, mailbox=user, blob=ref, size=len(raw), uid=uid, procedure=procedure,
@@ -265,6 +275,13 @@ class MailboxFetcher(Supervised):
 
     def _put_blob(self, raw: bytes) -> str:
         return self.blobs.put(raw, kind=BLOB_KIND)
+
+    def _put_blobs(self, raws: list[bytes]) -> list[str]:
+        """Store many raw mails, durable together (one barrier) before any ref is used."""
+        refs = [self.blobs.put(raw, kind=BLOB_KIND, sync=False) for raw in raws]
+        if refs:
+            self.blobs.sync()
+        return refs
 
     def _move(self, client, uids: list[int]) -> None:
         folder = self.cfg.kim.done_folder

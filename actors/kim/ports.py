@@ -17,6 +17,7 @@ PKI's insurer signer (local stack only; production would configure an HSM-backed
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -104,9 +105,20 @@ class KimPorts:
     sender_address: str = "annahme@kasse.kim.telematik"
     clock: Callable[[], float] = time.time
     redis: Any = None
+    _barrier: Any = field(default=None, init=False, repr=False)
 
     def pseudonym(self, value: str, domain: str) -> str:
         return self.pseudonymizer.pseudonym(value, domain)
+
+    async def durable(self) -> None:
+        """Group commit of the blob store for this process: every blob written before
+        this call is durable when it returns. Concurrent callers (the orders a worker runs
+        at once) share one file-system barrier, run in a thread."""
+        token = self.blobs.last_write
+        while not self.blobs.is_durable(token):
+            if self._barrier is None or self._barrier.done():
+                self._barrier = asyncio.ensure_future(asyncio.to_thread(self.blobs.sync))
+            await asyncio.shield(self._barrier)
 
 
 def _seeds(spec: str) -> list[int]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from actors.runtime import metrics
 from actors.runtime.entity import Entity, handles
 from protocols.events import Event
-from protocols.kim.messages import TERMINAL, StepError, StepOrder, StepResult
+from protocols.kim.messages import TERMINAL, StepError, StepOrder, StepResult, StepResults
 
 log = logging.getLogger("automat.kim.slip")
 
@@ -193,23 +193,32 @@ class RoutingSlip(Entity[SlipState]):
         base.update(data)
         self.ctx.emit(Event(topic=TOPIC, type=type_, key=self.key, data=base))
 
-    def _dispatch(self, step: str, attempt: int) -> None:
+    def _dispatch(self, step: str, attempt: int, *, send: bool = True) -> None:
+        """Make ``step`` the current one; ``send``: order it from the worker pool (a step
+        of a fused segment whose result is already here is only recorded)."""
         s = self.state
         now = self.ctx.now()
         s.step, s.attempt, s.status = step, attempt, "running"
         s.updated_at = now
         s.steps_run += 1
         s.history.append(StepRun(step=step, attempt=attempt, started=now))
-        self.ctx.tell(WORKER_KIND, self.key, StepOrder(
-            mail_id=self.key, step=step, attempt=attempt, roadmap=s.roadmap, roadmap_version=s.roadmap_version,
-            mailbox=s.mailbox, facts=dict(s.facts), blobs=dict(s.blobs), dispatched_at=now))
-        self.ctx.cancel_timer("retry")
-        self.ctx.set_timer("watchdog", StepTimeout(step=step, attempt=attempt),
-                           delay_s=self.ctx.ports.kim.step_timeout_s)
+        if send:
+            self._send_order()
 
-    def _close_run(self, result: str, error: str | None = None, worker_ms: float = 0.0) -> None:
+    def _send_order(self) -> None:
         s = self.state
-        now = self.ctx.now()
+        kim = self.ctx.ports.kim
+        self.ctx.tell(WORKER_KIND, self.key, StepOrder(
+            mail_id=self.key, step=s.step, attempt=s.attempt, roadmap=s.roadmap, roadmap_version=s.roadmap_version,
+            mailbox=s.mailbox, facts=dict(s.facts), blobs=dict(s.blobs), dispatched_at=s.updated_at,
+            chain=getattr(kim, "fuse_max", 1)))
+        self.ctx.cancel_timer("retry")
+        self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt), delay_s=kim.step_timeout_s)
+
+    def _close_run(self, result: str, error: str | None = None, worker_ms: float = 0.0,
+                   ended: float | None = None) -> None:
+        s = self.state
+        now = ended if ended is not None else self.ctx.now()
         for run in reversed(s.history):
             if run.step == s.step and run.attempt == s.attempt and run.ended is None:
                 run.ended, run.result, run.error, run.worker_ms = now, result, error, worker_ms
@@ -236,7 +245,7 @@ class RoutingSlip(Entity[SlipState]):
     def _park(self, code: str, reason: str) -> None:
         self._finish("parked", "parked", code=code, reason=reason)
 
-    def _apply(self, result: StepResult) -> None:
+    def _apply(self, result: StepResult, *, send: bool = True) -> None:
         """Ask the road map what follows ``result`` and make it so."""
         s = self.state
         rm = self._map()
@@ -257,7 +266,7 @@ class RoutingSlip(Entity[SlipState]):
         elif d.action == "next":
             if err is not None:
                 s.error_code, s.reason = err.code, err.reason[:300]
-            self._dispatch(d.next_step, d.attempt)
+            self._dispatch(d.next_step, d.attempt, send=send)
         else:
             code = d.facts.get("error_code") or (err.code if err else None)
             reason = d.reason[:300]
@@ -291,12 +300,9 @@ class RoutingSlip(Entity[SlipState]):
         self._dispatch(rm.first, 1)
         return ReceiveReply(mail_id=self.key, created=True, status=s.status)
 
-    @handles
-    def on_result(self, msg: StepResult) -> StepAck:
+    def _take(self, msg: StepResult, ended: float | None = None) -> None:
+        """Record one step result (facts, blobs, history entry with its timing)."""
         s = self.state
-        if s.status != "running" or msg.step != s.step or msg.attempt != s.attempt:
-            return StepAck(accepted=False, reason=f"stale result {msg.step}#{msg.attempt}; slip is {s.status} "
-                                                  f"at {s.step}#{s.attempt}")
         s.facts.update(msg.facts)
         s.blobs.update(msg.blobs)
         if msg.facts.get("procedure") and msg.facts["procedure"] != s.procedure:
@@ -304,8 +310,45 @@ class RoutingSlip(Entity[SlipState]):
         s.updated_at = self.ctx.now()
         err = msg.error
         res = ("retry" if err.retryable else f"error:{err.code}") if err else (msg.outcome or "ok")
-        self._close_run(res, f"{err.code}: {err.reason[:200]}" if err else None, msg.duration_ms)
+        self._close_run(res, f"{err.code}: {err.reason[:200]}" if err else None, msg.duration_ms, ended)
+
+    def _is_current(self, msg: StepResult) -> bool:
+        s = self.state
+        return s.status == "running" and msg.step == s.step and msg.attempt == s.attempt
+
+    @handles
+    def on_result(self, msg: StepResult) -> StepAck:
+        s = self.state
+        if not self._is_current(msg):
+            return StepAck(accepted=False, reason=f"stale result {msg.step}#{msg.attempt}; slip is {s.status} "
+                                                  f"at {s.step}#{s.attempt}")
+        self._take(msg)
         self._apply(msg)
+        return StepAck(accepted=True)
+
+    @handles
+    def on_results(self, msg: StepResults) -> StepAck:
+        """A fused segment: every step recorded on its own, one durable transition."""
+        s = self.state
+        rs = msg.results
+        if not rs or not self._is_current(rs[0]):
+            first = f"{rs[0].step}#{rs[0].attempt}" if rs else "(empty)"
+            return StepAck(accepted=False, reason=f"stale results from {first}; slip is {s.status} "
+                                                  f"at {s.step}#{s.attempt}")
+        for i, r in enumerate(rs):
+            nxt = rs[i + 1] if i + 1 < len(rs) else None
+            if nxt is None:
+                self._take(r)
+                self._apply(r)
+                break
+            self._take(r, ended=nxt.started_at or None)
+            self._apply(r, send=False)
+            if not self._is_current(nxt):  # the road map went elsewhere (a newer map?): follow it
+                if s.status == "running":
+                    self._send_order()
+                break
+            if nxt.started_at:
+                s.history[-1].started = nxt.started_at
         return StepAck(accepted=True)
 
     @handles

@@ -1,7 +1,9 @@
 """The step worker pool ``kim.worker``: stateless, keyed by mail id, ``hosts`` = pool size.
 
-One async handler: run the ordered step (``actors.kim.steps.run_step``, which never
-raises) with the host's ports and tell the result to the mail's slip. Nothing is stored;
+One async handler: run the ordered step - or a fused segment of up to ``order.chain``
+steps (``actors.kim.steps.run_chain``, which never raises) - with the host's ports, make
+the blobs it wrote durable (one group commit shared by all orders the process is running,
+``KimPorts.durable``) and tell the result(s) to the mail's slip. Nothing is stored;
 a step that runs twice after a crash is idempotent (the step code's promise) and the
 slip ignores a second, stale result.
 """
@@ -13,7 +15,7 @@ import time
 from pydantic import BaseModel
 
 from actors.runtime.entity import Entity, handles
-from protocols.kim.messages import StepError, StepOrder, StepResult
+from protocols.kim.messages import StepError, StepOrder, StepResult, StepResults
 
 KIND = "kim.worker"
 SLIP_KIND = "kim.slip"
@@ -36,7 +38,7 @@ class StepWorker(Entity[WorkerState]):
     async def on_order(self, msg: StepOrder) -> WorkerAck:
         run_step = getattr(self.ctx.ports, "run_step", None)  # a stand-in pool (tests) brings its own
         if run_step is None:
-            from actors.kim.steps import run_step
+            return await self._run(msg)
 
         t0 = time.perf_counter()
         try:
@@ -48,3 +50,23 @@ class StepWorker(Entity[WorkerState]):
             result.duration_ms = (time.perf_counter() - t0) * 1000.0
         self.ctx.tell(SLIP_KIND, msg.mail_id, result)
         return WorkerAck(step=msg.step, outcome=result.outcome)
+
+    async def _run(self, msg: StepOrder) -> WorkerAck:
+        """The real pool: a fused segment (``msg.chain`` steps at most), blobs made
+        durable by the process-wide group commit before any result leaves."""
+        from actors.kim.steps import run_chain
+
+        ports = self.ctx.ports
+        try:
+            results = await run_chain(msg, ports, sync=False)
+            await ports.durable()
+        except Exception as e:  # run_chain promises not to raise; a failed sync lands here
+            results = [StepResult(mail_id=msg.mail_id, step=msg.step, attempt=msg.attempt, outcome="error",
+                                  error=StepError(code="io_error" if isinstance(e, OSError) else "step_crashed",
+                                                  reason=f"{type(e).__name__}", retryable=True))]
+        if msg.chain <= 1 and len(results) == 1:
+            self.ctx.tell(SLIP_KIND, msg.mail_id, results[0])
+        else:
+            self.ctx.tell(SLIP_KIND, msg.mail_id, StepResults(mail_id=msg.mail_id, results=results))
+        last = results[-1]
+        return WorkerAck(step=last.step, outcome=last.outcome)

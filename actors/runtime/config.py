@@ -117,6 +117,10 @@ class KimConfig(_Section):
     retry_base_s: float = Field(1.0, ge=0)
     retry_max_s: float = Field(300.0, ge=0)
     default_attempts: int = Field(5, ge=1, le=100)
+    # steps per dispatch: consecutive side-effect-free steps run fused in one worker call,
+    # each still recorded in the slip's history with its own timing (1 = one per dispatch)
+    fuse_max: int = Field(32, ge=1, le=256)
+    core_db: Path | None = None  # the reference core system's SQLite file (None -> <run_dir>/core/core.sqlite3)
 
 
 class AutomatConfig(BaseSettings):

@@ -34,6 +34,12 @@ class StepOrder(BaseModel):
     facts: dict[str, str] = Field(default_factory=dict)  # control facts gathered so far
     blobs: dict[str, str] = Field(default_factory=dict)  # name -> blob ref (encrypted)
     dispatched_at: float = 0.0
+    #: run up to this many steps in one worker call ("fused" segment): after this step the
+    #: worker goes on with the road map's next step as long as the step succeeded, the road
+    #: map says "next" and the step had no external side effect (a segment ends after the
+    #: first side-effecting step, so no two side effects happen without a durable
+    #: transition between them). 1 = one step per dispatch.
+    chain: int = 1
 
 
 class StepResult(BaseModel):
@@ -47,3 +53,14 @@ class StepResult(BaseModel):
     blobs: dict[str, str] = Field(default_factory=dict)
     error: StepError | None = None  # set -> retry (retryable) or the step's error branch
     duration_ms: float = 0.0
+    started_at: float = 0.0  # wall clock (epoch s) when the worker started the step
+
+
+class StepResults(BaseModel):
+    """Step worker -> stateshifter: the results of a fused segment, in road-map order.
+
+    The slip records every step on its own (history entry with its own timing, facts,
+    blobs) in one durable transition; the last result decides what follows."""
+
+    mail_id: str
+    results: list[StepResult]

@@ -25,7 +25,7 @@ from pathlib import Path
 from actors.kim.core_system import CoreSystemError, CoreSystemRejected
 from actors.kim.smtp import SmtpSendError
 from actors.kim.steps import answers, domain, technical  # noqa: F401  (registration)
-from actors.kim.steps._base import CACHE, LAYER, STEPS, StepFault, StepOut, Transient
+from actors.kim.steps._base import CACHE, EFFECTS, LAYER, STEPS, StepFault, StepOut, Transient
 from protocols.kim.errors import KimError
 from protocols.kim.messages import StepError, StepOrder, StepResult
 from protocols.kim.roadmap import RoadMap, load_roadmap_versions, load_roadmaps
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ROADMAP_DIR = Path(__file__).resolve().parent.parent / "roadmaps"
 
 __all__ = [
-    "STEPS", "LAYER", "StepOut", "StepFault", "run_step", "roadmaps", "roadmap_versions", "roadmap_for", "ROADMAP_DIR", "CACHE",
+    "STEPS", "LAYER", "EFFECTS", "StepOut", "StepFault", "run_step", "run_chain", "roadmaps", "roadmap_versions", "roadmap_for", "ROADMAP_DIR", "CACHE",
 ]
 
 
@@ -88,8 +88,76 @@ def _error(exc: BaseException) -> StepError:
     return StepError(code="internal_error", reason=f"unexpected {type(exc).__name__}", retryable=True)
 
 
-async def run_step(order: StepOrder, ports) -> StepResult:
-    """Run one step of one mail. Never raises; always returns a :class:`StepResult`."""
+def _sync_blobs(ports) -> StepError | None:
+    blobs = getattr(ports, "blobs", None)
+    sync = getattr(blobs, "sync", None)
+    if sync is None:
+        return None
+    try:
+        sync()
+    except OSError as e:
+        return StepError(code="io_error", reason=f"blob store sync failed: {e.strerror or type(e).__name__}",
+                         retryable=True)
+    return None
+
+
+async def run_step(order: StepOrder, ports, *, sync: bool = True) -> StepResult:
+    """Run one step of one mail. Never raises; always returns a :class:`StepResult`.
+
+    ``sync``: the blobs the step wrote are durable when this returns (one group barrier
+    of the blob store). A worker that runs many orders passes ``sync=False`` and makes
+    them durable together (``KimPorts.durable``) before any result leaves."""
+    res = await _run_step(order, ports)
+    if sync and res.error is None:
+        err = _sync_blobs(ports)
+        if err is not None:
+            res.error, res.outcome, res.facts, res.blobs = err, "error", {}, {}
+    return res
+
+
+async def run_chain(order: StepOrder, ports, *, max_steps: int | None = None, sync: bool = True) -> list[StepResult]:
+    """Run ``order.step`` and then, fused into this one call, the road map's following
+    steps while (a) the step succeeded and the road map says "next", (b) the step just
+    run had no external side effect (:data:`EFFECTS`) and (c) fewer than ``max_steps``
+    (default ``order.chain``) ran. Every step is run and timed on its own; the facts and
+    blobs flow to the next order exactly as the stateshifter would pass them. Never raises."""
+    limit = max(1, int(max_steps if max_steps is not None else order.chain))
+    try:
+        rm = roadmap_for(order.roadmap, order.roadmap_version) if limit > 1 else None
+    except KeyError:
+        rm = None
+    results: list[StepResult] = []
+    cur = order
+    facts, blobs = dict(order.facts), dict(order.blobs)
+    while True:
+        t = time.time()
+        res = await _run_step(cur, ports)
+        res.started_at = t
+        results.append(res)
+        if rm is None or res.error is not None or len(results) >= limit or _impl(cur) in EFFECTS:
+            break
+        try:
+            d = rm.decide(res)
+        except KeyError:
+            break
+        if d.action != "next" or not d.next_step:
+            break
+        facts.update(res.facts)
+        facts.update(d.facts)
+        blobs.update(res.blobs)
+        cur = StepOrder(mail_id=order.mail_id, step=d.next_step, attempt=d.attempt, roadmap=order.roadmap,
+                        roadmap_version=order.roadmap_version, mailbox=order.mailbox, facts=dict(facts),
+                        blobs=dict(blobs), dispatched_at=order.dispatched_at, chain=1)
+    if sync:
+        err = _sync_blobs(ports)
+        if err is not None:  # nothing of this segment counts: retry it from its first step
+            first = results[0]
+            return [StepResult(mail_id=order.mail_id, step=first.step, attempt=first.attempt, error=err,
+                               started_at=first.started_at, duration_ms=first.duration_ms)]
+    return results
+
+
+async def _run_step(order: StepOrder, ports) -> StepResult:
     t0 = time.perf_counter()
     impl = _impl(order)
     fn = STEPS.get(impl)

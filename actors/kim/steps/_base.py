@@ -31,6 +31,14 @@ StepFn = Callable[[StepOrder, Any], Awaitable[StepOut]]
 STEPS: dict[str, StepFn] = {}
 LAYER: dict[str, str] = {}
 
+#: Step implementations with an external side effect beyond the blob store (Redis claims,
+#: core-system writes, SMTP). A fused segment ends after the first of them, so a durable
+#: slip transition separates any two side effects. All steps are idempotent either way.
+EFFECTS: frozenset[str] = frozenset({
+    "dedupe_file_hash", "dedupe_bundle_id", "lookup_insured", "eeb_lookup_insured", "deposit_core",
+    "release_record", "apply_storno", "handoff_clerk", "answer_error", "send_answer", "eeb_answer_error",
+})
+
 
 def step(name: str, layer: str = "technical"):
     def deco(fn: StepFn) -> StepFn:
@@ -115,7 +123,9 @@ def load_blob(order: StepOrder, ports, name: str) -> bytes:
 
 
 def put_blob(ports, data: bytes, kind: str, name: str | None = None) -> str:
-    ref = ports.blobs.put(data, kind=kind)
+    """Store a step's blob; durable at the latest before the step's result leaves the
+    worker (``run_step(sync=True)`` or the worker's group commit, ``KimPorts.durable``)."""
+    ref = ports.blobs.put(data, kind=kind, sync=False)
     CACHE.put(("bytes", ref), data)
     return ref
 

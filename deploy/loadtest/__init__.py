@@ -1,0 +1,62 @@
+"""``automat loadtest``: the KIM throughput benchmark (``BENCHMARK.md``) as a command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def loadtest_cmd(
+    ctx: typer.Context,
+    mails: int = typer.Option(..., "--mails", "-n", help="how many KIM mails (e.g. 240000 = a day of the seed's profile)"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="rate mode: offered load in mails/s over IMAP APPEND "
+                                         "(2.8 = 240k/day, 7 = the seed's peak); default: throughput mode"),
+    mailboxes: int = typer.Option(20, "--mailboxes", "-m", help="mailboxes (IMAP users load01..loadMM), 1..100"),
+    mix: Optional[str] = typer.Option(None, "--mix", help="procedure weights, e.g. 'eAU=80,eEB=8,EBZ=5,AAR=2,eMailPLUS=5' "
+                                      "(the default); also Storno"),
+    faults: float = typer.Option(0.05, "--faults", help="share of faulty mails (broken signature, untrusted signer, "
+                                 "non-FHIR payload, duplicate)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default <run_dir>/loadtest/<run>/report)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="generator seed (default: random)"),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="inline floor + naive Ray on the same mails"),
+    baseline_mails: int = typer.Option(1000, "--baseline-mails", help="how many of the mails the baselines run"),
+    slip_hosts: int = typer.Option(2, "--slip-hosts", help="stateshifter shard hosts"),
+    worker_hosts: int = typer.Option(2, "--worker-hosts", help="step worker pool size"),
+    fetchers: int = typer.Option(2, "--fetchers", help="mailbox actors"),
+    fuse_max: Optional[int] = typer.Option(None, "--fuse-max", help="steps per dispatch (1 = a durable transition "
+                                           "per step; default: kim.fuse_max)"),
+    redis_db: Optional[int] = typer.Option(None, "--redis-db", help="run in this Redis database (emptied at the end); "
+                                           "default: the configured one (only this run's slips are read)"),
+    timeout: float = typer.Option(3600.0, "--timeout", help="give up waiting after this many seconds"),
+    keep: bool = typer.Option(False, "--keep", help="keep mails, blobs, core system and Redis data afterwards"),
+    live: bool = typer.Option(True, "--live/--no-live", help="live progress display"),
+    profile: bool = typer.Option(False, "--profile", help="py-spy the step workers for 30 s mid-run"),
+) -> None:
+    """Load test of the KIM pipeline: generated KIM mails into Dovecot, the real pipeline, a report.
+
+    Ends with the ledger, a report (JSON + Markdown + PNG chart) and the one-line summary
+    `mails=N  mails_per_s=X  p99_ms=Y  lost=0  duplicates=0`. Exit code 1 if a mail was
+    lost or doubled or the ledger does not balance."""
+    from deploy.cli import get_config
+    from deploy.loadtest.driver import Options, run_loadtest
+
+    cfg = get_config(ctx)
+    logging.basicConfig(level=logging.WARNING)
+    console = Console()
+    opt = Options(mails=mails, rate=rate, mailboxes=mailboxes, mix=mix, faults=faults, out=out, seed=seed,
+                  baselines=baselines, baseline_mails=baseline_mails, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
+                  fetchers=fetchers, fuse_max=fuse_max, redis_db=redis_db, timeout_s=timeout, keep=keep, live=live,
+                  profile=profile)
+    try:
+        r = asyncio.run(run_loadtest(cfg, opt, console))
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    led = r["ledger"]
+    if led["lost"] or led["duplicates"] or not led["balanced"]:
+        raise typer.Exit(1)

@@ -1,0 +1,81 @@
+"""CPU seconds and RSS of the processes a load test runs on, read from ``/proc``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _stat(pid: int) -> tuple[int, float, int] | None:
+    """(ppid, cpu seconds user+sys, rss bytes) or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(b")") + 2:].split()
+    ppid = int(rest[1])
+    cpu = (int(rest[11]) + int(rest[12])) / _TICK
+    rss = int(rest[21]) * _PAGE
+    return ppid, cpu, rss
+
+
+def descendants(roots: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _stat(int(name))
+        if st:
+            children.setdefault(st[0], []).append(int(name))
+    out: set[int] = set()
+    todo = [p for p in roots if p]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.add(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+class ProcSampler:
+    """Samples the process trees of ``roots`` (the driver: its Ray cluster hangs below it;
+    the stack's services): total CPU seconds (dead processes keep their last value) and
+    summed RSS over time."""
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots = roots
+        self.cpu_last: dict[int, float] = {}
+        self.cpu_base: dict[int, float] = {}
+        self.samples: list[tuple[float, float, int, int]] = []  # (t, cpu s since start, rss bytes, processes)
+        self.peak_rss = 0
+        self.peak_procs = 0
+
+    def sample(self) -> tuple[float, int]:
+        now = time.time()
+        rss = 0
+        pids = descendants(self.roots)
+        for pid in pids:
+            st = _stat(pid)
+            if st is None:
+                continue
+            self.cpu_last[pid] = st[1]
+            self.cpu_base.setdefault(pid, st[1] if not self.samples else 0.0)
+            rss += st[2]
+        cpu = sum(v - self.cpu_base.get(p, 0.0) for p, v in self.cpu_last.items())
+        self.samples.append((now, cpu, rss, len(pids)))
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_procs = max(self.peak_procs, len(pids))
+        return cpu, rss
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        pts = [(t, c) for t, c, _, _ in self.samples]
+        if not pts:
+            return 0.0
+        a = min(pts, key=lambda p: abs(p[0] - t0))[1]
+        b = min(pts, key=lambda p: abs(p[0] - t1))[1]
+        return max(0.0, b - a)

@@ -1,0 +1,75 @@
+"""CI smoke run of ``automat loadtest`` (the command a load tester runs), a few thousand
+mails: the ledger balances, nothing is lost or doubled, every mail ends as the spec
+prescribes, and the report has its shape (JSON keys, Markdown, PNG chart, summary line).
+Speed is not asserted here - the numbers are the report's business.
+
+``KIM_LOADTEST_SMOKE_MAILS`` changes the number of mails (default 2000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+N = int(os.environ.get("KIM_LOADTEST_SMOKE_MAILS", "2000"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(900)
+def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
+    out = tmp_path / "report"
+    env = {**os.environ, "AUTOMAT_RUN_DIR": str(cfg.run_dir)}
+    cmd = [sys.executable, "-m", "deploy.cli", "loadtest", "--mails", str(N), "--mailboxes", "8",
+           "--baseline-mails", "60", "--redis-db", "5", "--no-live", "--out", str(out), "--timeout", "600",
+           "--seed", "4242"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
+    tail = (p.stdout + p.stderr)[-4000:]
+    assert p.returncode == 0, tail
+
+    # the one-line summary of BENCHMARK.md ends the output
+    last = [ln for ln in p.stdout.splitlines() if ln.strip()][-1]
+    m = re.fullmatch(r"mails=(\d+)  mails_per_s=([\d.]+)  p99_ms=(\d+)  lost=(\d+)  duplicates=(\d+)", last.strip())
+    assert m, tail
+    assert (int(m[1]), int(m[4]), int(m[5])) == (N, 0, 0)
+
+    r = json.loads((out / "report.json").read_text())
+    for key in ("run_id", "mode", "mails", "mix", "pipeline", "machine", "generator", "throughput", "latency_ms",
+                "resources", "ledger", "baselines", "steps", "series"):
+        assert key in r, key
+    led = r["ledger"]
+    # received = done + rejected + parked + in flight, and every delivered mail is terminal
+    assert led["delivered"] == N == led["received"]
+    assert led["received"] == led["done"] + led["rejected"] + led["parked"] + led["in_flight"]
+    assert led["in_flight"] == 0 and led["missing"] == 0 and led["parked"] == 0
+    assert led["lost"] == 0 and led["duplicates"] == 0 and led["balanced"]
+    assert led["as_expected"] == N  # every fault ended as the spec prescribes (rejected / work basket / done)
+    assert led["rejected"] > 0 and led["workbasket"] > 0  # the mix has faulty and eMailPLUS mails
+    # each deposited eAU is in the core system exactly once
+    assert led["core_records"] == led["core_mails"]
+    assert led["inbox_left"] == 0
+
+    assert r["throughput"]["mails_per_s"] > 0 and r["throughput"]["terminal"] == N
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert r["resources"]["cpu_s_per_mail"] > 0 and r["resources"]["peak_rss_mib"] > 0
+    names = {b["name"] for b in r["baselines"]}
+    assert names == {"inline floor", "naive Ray (one task per step)"}
+    for b in r["baselines"]:
+        assert b["mails"] == 60 and b["mails_per_s"] > 0 and b["ratio"] > 0
+        assert sum(b["outcomes"].values()) == 60
+    steps = {s["step"] for s in r["steps"]}
+    assert {"parse_mime", "verify_chain", "deposit_core", "release_record"} <= steps
+    assert len(r["series"]["t"]) == len(r["series"]["done_per_s"]) > 0
+
+    md = (out / "report.md").read_text()
+    assert "## Ledger" in md and "## Baselines" in md and md.rstrip().endswith(last.strip())
+    png = (out / "chart.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
