@@ -231,6 +231,7 @@ app.add_typer(tss_app, name="tss")
 app.add_typer(sim_app, name="sim")
 from actors.moped.cli import moped_app; app.add_typer(moped_app, name="moped")  # noqa: E402,E702
 from actors.efa.cli import bench_efa, efa_app; app.add_typer(efa_app, name="efa"); bench_app.command("efa")(bench_efa)  # noqa: E402,E702
+from deploy.chaos.cli import chaos_cmd; app.command("chaos")(chaos_cmd)  # noqa: E402,E702
 from deploy.loadtest import loadtest_cmd; app.command("loadtest")(loadtest_cmd)  # noqa: E402,E702
 # <<< end of capability sub-apps
 

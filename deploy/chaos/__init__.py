@@ -1,0 +1,1 @@
+"""Chaos runs: ``automat chaos`` (see :mod:`deploy.chaos.run`)."""
