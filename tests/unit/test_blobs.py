@@ -134,3 +134,26 @@ def test_reencrypt_all_reports_corrupt_blobs_and_continues(tmp_path, ring, store
     assert ei.value.failed == [bad] and ei.value.rewritten == 5
     assert all(ring.key_id_of((store.root / r).read_bytes()) == "k2" for r in good)
     assert p.read_bytes() == bytes(raw)  # left untouched for inspection
+
+
+@pytest.mark.parametrize("use_syncfs", [True, False])
+def test_group_commit_one_barrier_for_many_puts(tmp_path, ring, use_syncfs):
+    import threading
+
+    store = BlobStore(tmp_path / "gc", ring, use_syncfs=use_syncfs)
+    refs = [store.put(f"b{i}".encode(), kind="mail", sync=False) for i in range(50)]
+    assert all(store.get(r) == f"b{i}".encode() for i, r in enumerate(refs))  # readable before the barrier
+    assert not store.is_durable(store.last_write)
+    store.sync()
+    assert store.is_durable(store.last_write) and store.stats["syncs"] == 1
+    store.sync()  # nothing new written: no second barrier
+    assert store.stats["syncs"] == 1
+    # a plain put is durable when it returns; concurrent callers share barriers
+    threads = [threading.Thread(target=lambda: [store.put(b"x", kind="mail") for _ in range(10)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.is_durable(store.last_write)
+    assert 2 <= store.stats["syncs"] <= 41
+    assert not list((tmp_path / "gc").rglob(".tmp-*"))
