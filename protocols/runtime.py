@@ -13,6 +13,7 @@ FailureCode = Literal[
     "unavailable",  # the shard host could not be reached in time
     "timeout",  # no reply within the ask timeout
     "conflict",  # the stored version moved under us too often (two owners)
+    "moved",  # the shard is no longer on this host (handover): re-read the shard map, re-send
 ]
 
 

@@ -507,6 +507,50 @@ class Supervisor(Supervised):
         c = self._by_name.get(name)
         return c.actor_name if c is not None and c.state == RUNNING else None
 
+    async def add_child(self, spec: ChildSpec | dict) -> dict:
+        """Start a new worker child at run time (OTP ``start_child``), e.g. one more pool
+        host. Idempotent: a running child of that name is left alone; a stopped or failed
+        one is started again with the new spec. Added children are supervised like the
+        others but are not part of ``spec``: a restart of this supervisor brings back the
+        spec's children only (the autoscaler re-adds its hosts). Returns the child's info.
+        """
+        spec = spec if isinstance(spec, ChildSpec) else ChildSpec.model_validate(spec)
+        async with self._ops():
+            if self._state != RUNNING:
+                raise RuntimeError(f"supervisor {self.spec.name} is {self._state}")
+            c = self._by_name.get(spec.name)
+            if c is not None and c.state in (RUNNING, STARTING, RESTARTING):
+                return c.info()
+            if c is None:
+                c = _Child(spec=spec, backoff=BackoffStreak(self.spec.max_seconds))
+                self._children.append(c)
+                self._by_name[spec.name] = c
+            else:
+                c.spec = spec
+            c.state = STARTING
+        # started outside the lock: a child waiting for capacity must not hold up restarts
+        try:
+            await self._start_child(c)
+        except Exception as e:
+            async with self._ops():
+                c.state = FAILED
+                c.last_death_reason = f"start failed: {describe_exit(e)}"
+            raise RuntimeError(f"{self.spec.name}/{spec.name}: {c.last_death_reason}") from None
+        return c.info()
+
+    async def remove_child(self, name: str, reason: str = "removed") -> bool:
+        """Stop a child deliberately and forget it (OTP ``terminate_child`` +
+        ``delete_child``). Returns False when there is no such child."""
+        async with self._ops():
+            c = self._by_name.get(name)
+            if c is None:
+                return False
+            await self._stop_child(c, reason)
+            c.state = STOPPED
+            self._children.remove(c)
+            del self._by_name[name]
+            return True
+
     async def restart_child(self, name: str) -> dict:
         """Operator restart of one child: stop it deliberately and start a new incarnation.
 

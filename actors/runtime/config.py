@@ -86,6 +86,10 @@ class RuntimeConfig(_Section):
     timer_poll_ms: float = Field(200.0, gt=0)
     handler_retries: int = Field(2, ge=0, le=100)
     ask_timeout_s: float = Field(30.0, gt=0)
+    shardmap_poll_s: float = Field(1.0, gt=0)  # hosts check their kind's shard map version
+    handover_drain_s: float = Field(60.0, gt=0)  # a moved shard's entities get this long to finish
+    host_num_cpus: float | None = Field(None, ge=0)  # CPUs per shard host actor (None: the kind's)
+    host_scheduling: Literal["DEFAULT", "SPREAD"] = "DEFAULT"  # SPREAD: hosts over the nodes
 
 
 class KimMailbox(_Section):
@@ -123,6 +127,48 @@ class KimConfig(_Section):
     core_db: Path | None = None  # the reference core system's SQLite file (None -> <run_dir>/core/core.sqlite3)
 
 
+class PoolPolicy(_Section):
+    """Autoscaling of one kind's shard hosts (a step pool or a stateshifter)."""
+
+    kind: str  # entity kind, e.g. kim.worker
+    supervisor: str  # logical name of the supervisor that owns its hosts, e.g. kim
+    min_hosts: int = Field(1, ge=1, le=256)
+    max_hosts: int = Field(8, ge=1, le=256)
+    up_backlog: float = Field(50.0, gt=0)  # messages in flight per host above which it grows
+    down_backlog: float = Field(5.0, ge=0)  # ... below which (and latency low) it may shrink
+    up_latency_ms: float = Field(2000.0, gt=0)  # worst host's p95 batch latency above which it grows
+    down_latency_ms: float = Field(250.0, ge=0)
+    up_after_s: float = Field(2.0, ge=0)  # hysteresis: the condition must hold this long
+    down_after_s: float = Field(20.0, ge=0)
+    cooldown_s: float = Field(5.0, ge=0)  # after any change, before the next one
+    step: int = Field(1, ge=1, le=64)  # hosts added per grow decision
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PoolPolicy":
+        if self.min_hosts > self.max_hosts:
+            raise ValueError(f"min_hosts ({self.min_hosts}) must be <= max_hosts ({self.max_hosts})")
+        if self.down_backlog >= self.up_backlog:
+            raise ValueError("down_backlog must be below up_backlog (hysteresis)")
+        return self
+
+
+def _default_pools() -> list[PoolPolicy]:
+    return [
+        PoolPolicy(kind="kim.worker", supervisor="kim", min_hosts=1, max_hosts=8),
+        PoolPolicy(kind="kim.slip", supervisor="kim", min_hosts=1, max_hosts=4, up_backlog=500.0,
+                   down_backlog=20.0),
+    ]
+
+
+class AutoscaleConfig(_Section):
+    """The app-level autoscaler (``actors.runtime.autoscaler``, in the ``infra`` subtree)."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0)
+    request_resources: bool = True  # ask Ray's autoscaler for nodes when a new host does not fit
+    pools: list[PoolPolicy] = Field(default_factory=_default_pools)
+
+
 class AutomatConfig(BaseSettings):
     """The whole configuration. ``load_config()`` builds it; errors name the field."""
 
@@ -139,6 +185,7 @@ class AutomatConfig(BaseSettings):
     blob: BlobConfig = BlobConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     kim: KimConfig = KimConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
     local_stack: bool = True  # False in production: never start services ourselves
 
     @model_validator(mode="after")

@@ -9,6 +9,12 @@ Entities are activated from the store on their first message and passivated afte
 idle time (their state is already durable). Durable timers of the host's shards are
 polled from Redis and delivered like messages; the timer is removed in the same commit
 as the state change it caused, so it fires again after a crash until it was handled.
+
+Which shards are the host's: the static layout ``shard % hosts``, or — once hosts were
+added or removed — the kind's versioned shard map (``actors.runtime.shardmap``). With a
+map, a message for a shard the host does not own is answered ``Failure("moved")`` (the
+router re-reads the map and re-sends it), a shard being handed over to this host is
+held until the previous owner has drained (``adopt_map``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from actors.runtime import metrics
 from actors.runtime.entity import Effects, Entity, EntityContext
 from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
+from actors.runtime.shardmap import ShardMap, cluster_epoch, load_map, version_key
 from actors.runtime.store import (
     CommitRecord,
     EntityStore,
@@ -87,8 +94,24 @@ class ShardHost(Supervised):
         self.stats_counters = {
             "messages": 0, "rounds": 0, "commits": 0, "commit_batches": 0, "activations": 0,
             "passivations": 0, "handler_errors": 0, "dead_letters": 0, "unknown": 0,
-            "conflicts": 0, "quarantined": 0, "timers_fired": 0,
+            "conflicts": 0, "quarantined": 0, "timers_fired": 0, "moved": 0, "held": 0,
         }
+        # shard ownership (static layout until a versioned map is adopted)
+        self._epoch = cluster_epoch()
+        self._map = ShardMap.static(self.kind.name, self.n_hosts, self.num_shards)
+        self._gated = False  # True once a versioned map rules: foreign shards are bounced
+        self._active: set[int] = set(self.my_shards)
+        self._held: dict[int, list] = {}  # shard -> [(key, msg, fut)] waiting for its handover
+        self._map_ready = False
+        self._map_lock: asyncio.Lock | None = None
+        self._map_redis = None
+        self._map_seen = None  # last polled raw version
+        if index >= self.n_hosts:  # added beyond the static layout: nothing is ours before a map says so
+            self._gated, self._active = True, set()
+        # load signals for the autoscaler (see load())
+        self._inflight = 0
+        self._lat: deque = deque(maxlen=4096)  # (end monotonic, seconds) per delivered batch
+        self._lag = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     async def _ensure_started(self) -> None:
@@ -119,6 +142,8 @@ class ShardHost(Supervised):
                 self._clock = clock
             self._spawn(self._timer_loop())
             self._spawn(self._passivation_loop())
+            self._spawn(self._map_loop())
+            self._spawn(self._lag_loop())
             self._started = True
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -130,6 +155,11 @@ class ShardHost(Supervised):
     async def on_stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        if self._map_redis is not None:
+            try:
+                await self._map_redis.aclose()
+            except Exception:
+                pass
         close = getattr(self.ports, "aclose", None)
         if close:
             await close()
@@ -137,28 +167,48 @@ class ShardHost(Supervised):
     # -- the Ray-facing API -------------------------------------------------------------
     async def deliver(self, batch: list[tuple[str, BaseModel]]) -> list[Any]:
         """Handle a batch of ``(key, message)``; one reply per message, in order."""
+        if not self._map_ready:
+            await self._init_map()
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        self._inflight += len(batch)
         metrics.BATCH_SIZE.observe(len(batch), kind=self.kind.name)
         metrics.MESSAGES_HANDLED.inc(len(batch), kind=self.kind.name)
-        futs = []
-        groups: dict[str, list] = {}
-        for key, msg in batch:  # enqueue synchronously: arrival order is mailbox order
-            fut = loop.create_future()
-            futs.append(fut)
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._slots[key] = _Slot(key, shard_of(key, self.num_shards))
-            if self._batch_path and (key in groups or not slot.running):
-                slot.running = True  # owned by this batch; later arrivals queue behind it
-                groups.setdefault(key, []).append((msg, fut, None))
-            else:
-                self._enqueue(key, msg, fut, None)
-        if groups:
-            await self._run_batch(groups)
-        waiting = [f for f in futs if not f.done()]
-        if waiting:
-            await asyncio.wait(waiting)
-        return [f.result() for f in futs]
+        try:
+            futs = []
+            groups: dict[str, list] = {}
+            for key, msg in batch:  # enqueue synchronously: arrival order is mailbox order
+                fut = loop.create_future()
+                futs.append(fut)
+                slot = self._slots.get(key)
+                if self._gated:
+                    shard = slot.shard if slot is not None else shard_of(key, self.num_shards)
+                    if shard not in self._active:  # not (or not yet) ours: hold or bounce
+                        held = self._held.get(shard)
+                        if held is not None:
+                            held.append((key, msg, fut))
+                            self.stats_counters["held"] += 1
+                        else:
+                            fut.set_result(self._moved(key, msg, shard))
+                        continue
+                if slot is None:
+                    slot = self._slots[key] = _Slot(key, shard_of(key, self.num_shards))
+                if self._batch_path and (key in groups or not slot.running):
+                    slot.running = True  # owned by this batch; later arrivals queue behind it
+                    groups.setdefault(key, []).append((msg, fut, None))
+                else:
+                    self._enqueue(key, msg, fut, None)
+            if groups:
+                await self._run_batch(groups)
+            waiting = [f for f in futs if not f.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+            return [f.result() for f in futs]
+        finally:
+            self._inflight -= len(batch)
+            now = time.monotonic()
+            self._lat.append((now, now - t0))
+            metrics.DELIVER_SECONDS.observe(now - t0, kind=self.kind.name)
 
     async def _run_batch(self, groups: dict[str, list]) -> None:
         """Fast path for kinds with only plain (sync) handlers: the whole batch in one
@@ -274,6 +324,149 @@ class ShardHost(Supervised):
 
     async def is_active(self, key: str) -> bool:
         return key in self._slots
+
+    # -- shard ownership: the versioned shard map -------------------------------------------
+    def _moved(self, key: str, msg: Any, shard: int) -> Failure:
+        self.stats_counters["moved"] += 1
+        return self._failure("moved", f"shard {shard} is not on {self.kind.host_name(self.index)} "
+                                      f"(map v{self._map.version})", key, msg)
+
+    def _owns(self, key: str) -> bool:
+        shard = shard_of(key, self.num_shards)
+        if self._gated:
+            return shard in self._active
+        return host_of_shard(shard, self.n_hosts) == self.index
+
+    def _mredis(self):
+        if self._map_redis is None:
+            self._map_redis = aioredis.from_url(self.cfg.redis.url, socket_keepalive=True)
+        return self._map_redis
+
+    async def _init_map(self) -> None:
+        """Read the kind's map before the first message (retried while Redis is away)."""
+        delay = 0.05
+        while not self._map_ready:
+            try:
+                m = await load_map(self._mredis(), self.kind.name, self.n_hosts, self.num_shards, self._epoch)
+                await self._apply_map(m)
+            except Exception as e:
+                log.warning("%s: shard map not readable yet (%s); retrying", self.kind.host_name(self.index), e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def adopt_map(self, raw: str | dict | None = None) -> dict:
+        """Follow a shard map (given, or read from Redis): bounce shards no longer ours after
+        letting what was accepted for them finish (then passivate those entities), hold
+        shards being handed to us, activate handed-over shards (held messages first).
+        Returns once drained: ``{version, active, held, passivated, drain_ms, busy}``."""
+        if raw is None:
+            m = await load_map(self._mredis(), self.kind.name, self.n_hosts, self.num_shards, self._epoch)
+        elif isinstance(raw, dict):
+            m = ShardMap.model_validate(raw)
+        else:
+            m = ShardMap.model_validate_json(raw)
+        return await self._apply_map(m)
+
+    async def _apply_map(self, m: ShardMap) -> dict:
+        if self._map_lock is None:
+            self._map_lock = asyncio.Lock()
+        async with self._map_lock:
+            out = {"host": self.kind.host_name(self.index), "version": self._map.version, "passivated": 0,
+                   "drain_ms": 0.0, "busy": 0}
+            if m.kind != self.kind.name or m.num_shards != self.num_shards:
+                raise ValueError(f"map of {m.kind} with {m.num_shards} shards does not fit {self.kind.name}")
+            if m.is_static or (self._gated and m.version <= self._map.version):
+                self._map_ready = True  # static layout, or nothing new
+                return {**out, "active": len(self._active), "held": len(self._held)}
+            active, held = m.active_of(self.index), m.held_of(self.index)
+            self._map, self._gated, self._active = m, True, active
+            for s in held:
+                self._held.setdefault(s, [])
+            for s in list(self._held):
+                if s in active:  # handover done: the held messages go first, in arrival order
+                    for key, msg, fut in self._held.pop(s):
+                        self._enqueue(key, msg, fut, None)
+                elif s not in held:  # the move was undone or went elsewhere
+                    for key, msg, fut in self._held.pop(s):
+                        self._answer(fut, self._moved(key, msg, s))
+            self._map_ready = True
+            # shards that left: what was accepted finishes (commits included), then passivate
+            t0 = time.monotonic()
+            deadline = t0 + self.cfg.runtime.handover_drain_s
+            while True:
+                busy = [s for s in self._slots.values() if s.shard not in active and (s.running or s.queue)]
+                if not busy:
+                    break
+                if time.monotonic() > deadline:
+                    log.error("%s: %d entities of moved shards still busy after %.0f s; the store's "
+                              "version check guards them", self.kind.host_name(self.index), len(busy),
+                              self.cfg.runtime.handover_drain_s)
+                    out["busy"] = len(busy)
+                    break
+                await asyncio.sleep(0.005)
+            gone = [k for k, s in self._slots.items() if s.shard not in active and not s.running and not s.queue]
+            for k in gone:
+                del self._slots[k]
+            self.stats_counters["passivations"] += len(gone)
+            return {**out, "version": m.version, "active": len(active), "held": len(self._held),
+                    "passivated": len(gone), "drain_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    async def shard_state(self) -> dict:
+        """What this host believes: map version, active and held shards, entities per shard."""
+        per: dict[int, int] = {}
+        for s in self._slots.values():
+            per[s.shard] = per.get(s.shard, 0) + 1
+        return {"host": self.kind.host_name(self.index), "index": self.index, "version": self._map.version,
+                "gated": self._gated, "active": sorted(self._active), "held": sorted(self._held),
+                "entities_by_shard": per}
+
+    async def load(self, window_s: float = 10.0) -> dict:
+        """Load signals for the autoscaler: messages in flight (delivered, not yet
+        answered), queued behind busy entities, held, batch latency over the window,
+        event-loop lag (CPU saturation), entities, map version."""
+        now = time.monotonic()
+        lat = sorted(d for t, d in self._lat if now - t <= window_s)
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000.0 if lat else 0.0
+
+        return {
+            "host": self.kind.host_name(self.index), "pid": os.getpid(), "inflight": self._inflight,
+            "queued": sum(len(s.queue) for s in self._slots.values()),
+            "held": sum(len(v) for v in self._held.values()), "batches": len(lat),
+            "lat_p50_ms": round(pct(0.5), 2), "lat_p95_ms": round(pct(0.95), 2),
+            "loop_lag_ms": round(self._lag * 1000.0, 2), "active_entities": len(self._slots),
+            "messages": self.stats_counters["messages"], "version": self._map.version,
+            "shards": len(self._active),
+        }
+
+    async def _map_loop(self) -> None:
+        """Adopt newer maps by ourselves (the coordinator also tells us; this heals gaps)."""
+        period = self.cfg.runtime.shardmap_poll_s
+        while True:
+            await asyncio.sleep(period)
+            try:
+                v = await self._mredis().get(version_key(self.kind.name))
+                if v != self._map_seen:
+                    self._map_seen = v
+                    if v is not None and int(v) > self._map.version:
+                        await self.adopt_map()
+            except Exception as e:
+                log.warning("%s: shard map poll failed: %s", self.kind.host_name(self.index), e)
+
+    async def _lag_loop(self) -> None:
+        """Event-loop lag (a tick's overshoot), smoothed: how saturated this host is."""
+        name = self.kind.host_name(self.index)
+        n = 0
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.1)
+            lag = max(0.0, time.monotonic() - t0 - 0.1)
+            self._lag = 0.7 * self._lag + 0.3 * lag
+            n += 1
+            if n % 10 == 0:
+                metrics.HOST_INFLIGHT.set(self._inflight, kind=self.kind.name, host=name)
+                metrics.HOST_LOOP_LAG.set(self._lag, kind=self.kind.name, host=name)
 
     # -- mailbox ----------------------------------------------------------------------
     def _enqueue(self, key: str, msg: BaseModel, fut, tmember: str | None) -> None:
@@ -575,7 +768,7 @@ class ShardHost(Supervised):
         return self._router
 
     async def _tell(self, kind: str, key: str, msg: BaseModel) -> None:
-        if kind == self.kind.name and host_of_shard(shard_of(key, self.num_shards), self.n_hosts) == self.index:
+        if kind == self.kind.name and self._owns(key):
             self._enqueue(key, msg, None, None)
         else:
             await self._router_().tell(kind, key, msg)
@@ -586,10 +779,12 @@ class ShardHost(Supervised):
     # -- timers and passivation ------------------------------------------------------------------
     async def _timer_loop(self) -> None:
         period = self.cfg.runtime.timer_poll_ms / 1000.0
+        await self._init_map()
         while True:
             await asyncio.sleep(period)
+            shards = sorted(self._active) if self._gated else self.my_shards
             try:
-                due = await self.store.due_timers(self.kind.name, self.my_shards, self._clock())
+                due = await self.store.due_timers(self.kind.name, shards, self._clock())
             except Exception as e:
                 log.warning("timer poll failed: %s", e)
                 continue

@@ -39,6 +39,16 @@ __all__ = [
     "OUTBOX_BACKLOG",
     "OUTBOX_ERRORS",
     "OUTBOX_PUBLISH_SECONDS",
+    "DELIVER_SECONDS",
+    "HOST_INFLIGHT",
+    "HOST_LOOP_LAG",
+    "POOL_HOSTS",
+    "POOL_BACKLOG",
+    "POOL_LATENCY",
+    "SCALE_DECISIONS",
+    "SHARD_MOVES",
+    "HANDOVER_SECONDS",
+    "CAPACITY_REQUESTS",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,3 +282,25 @@ OUTBOX_PUBLISH_SECONDS = histogram(
     (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     (),
 )
+
+# ---- shard hosts' load and the autoscaler ---------------------------------------------------
+DELIVER_SECONDS = histogram(
+    "deliver_seconds",
+    "Time a shard host takes for one delivered batch (arrival to the last reply), by kind",
+    (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    ("kind",),
+)
+HOST_INFLIGHT = gauge("host_inflight", "Messages delivered to a shard host and not yet answered", ("kind", "host"))
+HOST_LOOP_LAG = gauge("host_loop_lag_seconds", "Event-loop lag of a shard host (smoothed): CPU saturation",
+                      ("kind", "host"))
+POOL_HOSTS = gauge("pool_hosts", "Shard hosts of an autoscaled kind (step pool / stateshifter)", ("kind",))
+POOL_BACKLOG = gauge("pool_backlog", "Messages in flight on an autoscaled kind's hosts (sum)", ("kind",))
+POOL_LATENCY = gauge("pool_latency_seconds", "Worst host's p95 batch latency of an autoscaled kind", ("kind",))
+SCALE_DECISIONS = counter("scale_decisions", "Autoscaler grow/shrink actions, by kind and direction",
+                          ("kind", "direction"))
+SHARD_MOVES = counter("shard_moves", "Shards handed over between hosts, by kind", ("kind",))
+HANDOVER_SECONDS = histogram(
+    "handover_seconds", "Duration of one rebalance (map write, drain, activate), by kind",
+    (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), ("kind",),
+)
+CAPACITY_REQUESTS = counter("capacity_requests", "request_resources calls of the autoscaler (node full)", ())

@@ -6,6 +6,11 @@ Messages are collected per destination host for ``batch_window_ms`` or until
 outstanding per host (backpressure beyond that). A batch whose host died is re-sent to
 the host's next incarnation (at-least-once); within one host's life, the messages of one
 sender arrive in the order they were sent.
+
+Which host: the kind's shard map (``actors.runtime.shardmap``; the static layout
+``shard % hosts`` when none is stored). A host that no longer owns a shard answers
+``Failure("moved")``; the router then re-reads the map and re-sends the message to the new
+owner (also when the old host is gone for good), so a rebalance loses nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.runtime.kinds import EntityKind, host_of_shard, shard_of
+from actors.runtime.kinds import EntityKind, shard_of
+from actors.runtime.shardmap import ShardMap, cluster_epoch, load_map
 from protocols.runtime import Failure
 
 log = logging.getLogger("automat.router")
 
 KINDS_KEY = "automat:kinds"
+_REROUTED = object()  # a message handed to another lane (its future is answered there)
 
 
 class HostNotFound(Exception):
@@ -67,9 +74,10 @@ def default_resolver(namespace: str) -> Callable[[str], Awaitable[Any]]:
 class _Lane:
     """Outgoing batches to one shard host."""
 
-    def __init__(self, router: "Router", name: str) -> None:
+    def __init__(self, router: "Router", name: str, kind: str) -> None:
         self.router = router
         self.name = name
+        self.kind = kind
         self.handle = None
         self.buf: list[tuple[str, BaseModel]] = []
         self.futs: list[asyncio.Future | None] = []
@@ -130,7 +138,7 @@ class _Lane:
             results = await ref
         except (ActorDiedError, ActorUnavailableError, RayActorError, HostNotFound) as e:
             self.sem.release()
-            results = await self._resend(batch, e)
+            results = await self._resend(batch, futs, e)
         except Exception as e:  # serialization and the like: answer every caller
             self.sem.release()
             log.exception("batch to %s failed", self.name)
@@ -139,29 +147,60 @@ class _Lane:
         else:
             self.sem.release()
         self.router.sent += len(batch)
-        self.outstanding -= 1
-        for fut, r in zip(futs, results):
+        bounced = []
+        for (key, msg), fut, r in zip(batch, futs, results):
+            if r is _REROUTED:
+                continue
+            if isinstance(r, Failure) and r.code == "moved":  # handed over: re-read the map, re-send
+                bounced.append((key, msg, fut))
+                continue
             if fut is not None and not fut.done():
                 fut.set_result(r)
+        if bounced:
+            await self.router._reroute(self.kind, bounced, self.name)
+        self.outstanding -= 1
 
-    async def _resend(self, batch, first_error) -> list:
+    async def _resend(self, batch, futs, first_error) -> list:
         async with self.resend_lock:
             deadline = time.monotonic() + self.router.resend_deadline_s
             delay = 0.05
             err = first_error
+            results: list = [_REROUTED] * len(batch)
+            mine = list(range(len(batch)))
             while time.monotonic() < deadline:
                 self.handle = None
+                # the host may be gone for good (removed by a rebalance): follow the map
+                try:
+                    await self.router.refresh_map(self.kind)
+                    keep, move = [], []
+                    for i in mine:
+                        (keep if await self.router._lane_name(self.kind, batch[i][0]) == self.name else move).append(i)
+                    if move:
+                        for i in move:
+                            key, msg = batch[i]
+                            (await self.router._lane(self.kind, key)).put(key, msg, futs[i])
+                        mine = keep
+                        if not mine:
+                            return results
+                except Exception as e:  # no map now: keep trying this host
+                    log.debug("map refresh for %s failed: %s", self.kind, e)
                 log.warning("host %s unreachable (%s: %s); re-sending %d messages", self.name,
-                            type(err).__name__, str(err)[:200], len(batch))
+                            type(err).__name__, str(err)[:200], len(mine))
                 try:
                     handle = await self._handle()
-                    return await handle.deliver.remote(batch)
+                    sub = [batch[i] for i in mine]
+                    for i, r in zip(mine, await handle.deliver.remote(sub)):
+                        results[i] = r
+                    return results
                 except (ActorDiedError, ActorUnavailableError, RayActorError, HostNotFound) as e:
                     err = e
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-            return [Failure(code="unavailable", reason=f"host {self.name} unreachable: {err}", kind="?", key=k,
-                            message_type=type(m).__name__) for k, m in batch]
+            for i in mine:
+                k, m = batch[i]
+                results[i] = Failure(code="unavailable", reason=f"host {self.name} unreachable: {err}", kind="?",
+                                     key=k, message_type=type(m).__name__)
+            return results
 
 
 class Router:
@@ -182,26 +221,105 @@ class Router:
         self._lanes: dict[str, _Lane] = {}
         self._redis = None
         self.sent = 0
+        self.rerouted = 0
+        self._maps: dict[str, ShardMap] = {}
+        self._map_loads: dict[str, asyncio.Future] = {}
+        self._epoch = cluster_epoch()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _r(self):
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.cfg.redis.url)
+        return self._redis
 
     async def kind(self, name: str) -> EntityKind:
         k = self._kinds.get(name)
         if k is None:
-            if self._redis is None:
-                self._redis = aioredis.from_url(self.cfg.redis.url)
-            raw = await self._redis.hget(KINDS_KEY, name)
+            raw = await self._r().hget(KINDS_KEY, name)
             if raw is None:
                 raise KeyError(f"unknown entity kind {name!r} (not registered)")
             k = self._kinds[name] = EntityKind.model_validate_json(raw)
         return k
 
+    async def shard_map(self, kind: str) -> ShardMap:
+        m = self._maps.get(kind)
+        if m is None:
+            m = await self.refresh_map(kind)
+        return m
+
+    async def refresh_map(self, kind: str) -> ShardMap:
+        """Re-read the kind's shard map (concurrent callers share one read)."""
+        fut = self._map_loads.get(kind)
+        if fut is None:
+            fut = self._map_loads[kind] = asyncio.get_running_loop().create_future()
+            try:
+                k = await self.kind(kind)
+                try:
+                    m = await load_map(self._r(), kind, k.host_count(self.cfg), self.num_shards, self._epoch)
+                except Exception as e:  # no Redis now: the static layout (hosts bounce if wrong)
+                    log.warning("shard map of %s not readable (%s); static layout", kind, e)
+                    m = self._maps.get(kind) or ShardMap.static(kind, k.host_count(self.cfg), self.num_shards)
+                old = self._maps.get(kind)
+                if old is None or m.version >= old.version or m.is_static:
+                    self._maps[kind] = m
+                fut.set_result(self._maps[kind])
+            except BaseException as e:
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+                raise
+            finally:
+                del self._map_loads[kind]
+        return await asyncio.shield(fut)
+
+    async def _lane_name(self, kind: str, key: str) -> str:
+        m = self._maps.get(kind) or await self.shard_map(kind)
+        return f"{kind}.host.{m.owner[shard_of(key, self.num_shards)]}"
+
     async def _lane(self, kind: str, key: str) -> _Lane:
-        k = await self.kind(kind)
-        idx = host_of_shard(shard_of(key, self.num_shards), k.host_count(self.cfg))
-        name = k.host_name(idx)
+        m = self._maps.get(kind) or await self.shard_map(kind)
+        name = f"{kind}.host.{m.owner[shard_of(key, self.num_shards)]}"
         lane = self._lanes.get(name)
         if lane is None:
-            lane = self._lanes[name] = _Lane(self, name)
+            lane = self._lanes[name] = _Lane(self, name, kind)
         return lane
+
+    async def _reroute(self, kind: str, items: list, from_lane: str) -> None:
+        """Messages a host bounced (``moved``): re-read the map, put them on the right lane.
+        While the map still names the same host (a handover in progress), wait a little."""
+        self.rerouted += len(items)
+        t = asyncio.get_running_loop().create_task(self._reroute_task(kind, items, from_lane))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _reroute_task(self, kind: str, items: list, from_lane: str) -> None:
+        delay, deadline = 0.01, time.monotonic() + self.resend_deadline_s
+        pending = items
+        warned = time.monotonic()
+        while pending:
+            try:
+                await self.refresh_map(kind)
+                again = []
+                for key, msg, fut in pending:
+                    lane = await self._lane(kind, key)
+                    if lane.name != from_lane:
+                        lane.put(key, msg, fut)
+                    elif fut is not None and time.monotonic() > deadline:  # an ask: say so
+                        if not fut.done():
+                            fut.set_result(Failure(code="unavailable", reason=f"{from_lane} keeps answering "
+                                                   "'moved' but the shard map still names it", kind=kind,
+                                                   key=key, message_type=type(msg).__name__))
+                    else:
+                        again.append((key, msg, fut))  # the map has not caught up yet (a tell waits on)
+                pending = again
+            except Exception as e:
+                log.warning("re-routing %d messages of %s failed (%s); retrying", len(pending), kind, e)
+            if pending:
+                if time.monotonic() - warned > 30:
+                    warned = time.monotonic()
+                    log.error("%d messages of %s bounced by %s wait for the shard map to change",
+                              len(pending), kind, from_lane)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def tell(self, kind: str, key: str, msg: BaseModel) -> None:
         """One-way: returns once queued; delivered at least once."""
@@ -231,16 +349,22 @@ class Router:
             lane.flush()
 
     async def drain(self) -> None:
-        """Wait until everything queued so far was delivered."""
-        self.flush()
-        for lane in list(self._lanes.values()):
-            while lane.outstanding or lane.buf:
-                await asyncio.sleep(0.001)
-                lane.flush()
+        """Wait until everything queued so far was delivered (re-routed messages included)."""
+        while True:
+            self.flush()
+            for lane in list(self._lanes.values()):
+                while lane.outstanding or lane.buf:
+                    await asyncio.sleep(0.001)
+                    lane.flush()
+            if not self._tasks and not any(la.outstanding or la.buf for la in self._lanes.values()):
+                return
+            await asyncio.sleep(0.005)
 
     async def close(self) -> None:
         await self.drain()
         for lane in self._lanes.values():
             lane.sender.cancel()
+        for t in list(self._tasks):
+            t.cancel()
         if self._redis is not None:
             await self._redis.aclose()

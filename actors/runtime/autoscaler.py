@@ -1,0 +1,371 @@
+"""The app-level autoscaler ``autoscaler`` (a supervised child of the ``infra`` subtree).
+
+Every ``autoscale.interval_s`` it looks at each configured pool — the shard hosts of one
+entity kind: the KIM step worker pool ``kim.worker``, the stateshifter ``kim.slip``, any
+other kind — and
+
+- reads the load of every host (``ShardHost.load()``): messages in flight (delivered, not
+  yet answered, plus held), p95 batch latency over the last 10 s, event-loop lag;
+- **grows** the pool by ``step`` hosts when the backlog per host is above ``up_backlog``
+  or the worst p95 above ``up_latency_ms`` for ``up_after_s``, **shrinks** it by one
+  when both are below the ``down_*`` marks for ``down_after_s`` — between ``min_hosts``
+  and ``max_hosts``, with ``cooldown_s`` after every change (hysteresis: the two marks
+  and the two durations differ, so a pool does not flap);
+- grows by asking the owning supervisor for one more host child
+  (``Supervisor.add_child``), then hands shards over to it (``actors.runtime.rebalance``);
+  shrinks by handing the highest host's shards to the others, then removing it;
+- asks Ray for capacity (``ray.autoscaler.sdk.request_resources``) when a new host does
+  not fit on the nodes there are (hosts carry ``runtime.host_num_cpus``), so Ray's own
+  autoscaler (cluster launcher / KubeRay) adds a worker node; the request is lowered
+  again when pools shrink;
+- reconciles: a host in the map that its supervisor does not have (that supervisor was
+  restarted and came back with its spec's children only) is added again; a host child
+  that is not in the map is removed; an interrupted handover is finished.
+
+``status()`` shows the pools, the last signals and a timeline of decisions;
+``set_hosts(kind, n)`` resizes a pool by hand (the automatic bounds still apply later).
+Metrics: ``automat_pool_hosts``, ``automat_pool_backlog``, ``automat_pool_latency_seconds``,
+``automat_scale_decisions_total``, ``automat_shard_moves_total``, ``automat_handover_seconds``,
+``automat_capacity_requests_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from actors.runtime import metrics
+from actors.runtime.kinds import EntityKind
+from actors.runtime.rebalance import default_host_resolver, rebalance
+from actors.runtime.router import KINDS_KEY
+from actors.runtime.shardmap import cluster_epoch, load_map
+from actors.runtime.system import host_actor_options, host_child_spec
+from supervisors.child import Supervised
+
+log = logging.getLogger("automat.autoscaler")
+
+AUTOSCALER_NAME = "autoscaler"
+_EVENTS_MAX = 500
+
+
+class _Pool:
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        self.kind: EntityKind | None = None
+        self.hosts: list[int] = []
+        self.version = 0
+        self.above_since: float | None = None
+        self.below_since: float | None = None
+        self.last_change = 0.0
+        self.action: asyncio.Task | None = None
+        self.signal: dict[str, Any] = {}
+        self.note = ""
+        self.moving = False
+
+    @property
+    def busy(self) -> bool:
+        return self.action is not None and not self.action.done()
+
+
+class Autoscaler(Supervised):
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.acfg = cfg.autoscale
+        self.ns = cfg.runtime.namespace
+        self.pools = {p.kind: _Pool(p) for p in self.acfg.pools}
+        self.events: list[dict] = []
+        self._redis: Any = None
+        self._resolve = default_host_resolver(self.ns)
+        self._handles: dict[str, Any] = {}
+        self._requested: list[dict] | None = None
+        self._t0 = time.time()
+        self._epoch = cluster_epoch()
+        self._ticks = 0
+        self._errors = 0
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = asyncio.get_event_loop()
+        self._task = loop.create_task(self._run())
+
+    # ---- public ------------------------------------------------------------------------
+    async def status(self) -> dict:
+        return {
+            "enabled": self.acfg.enabled, "interval_s": self.acfg.interval_s, "ticks": self._ticks,
+            "errors": self._errors, "requested": self._requested,
+            "pools": {k: {"hosts": p.hosts, "version": p.version, "min": p.policy.min_hosts,
+                          "max": p.policy.max_hosts, "busy": p.busy, "signal": p.signal, "note": p.note}
+                      for k, p in self.pools.items()},
+            "events": self.events[-50:],
+        }
+
+    async def timeline(self) -> list[dict]:
+        return list(self.events)
+
+    async def set_hosts(self, kind: str, n: int) -> dict:
+        """Resize a pool now (operator); waits for the resize. Returns the pool's status."""
+        p = self.pools.get(kind)
+        if p is None:
+            raise KeyError(f"no autoscaled pool {kind!r}; configured: {sorted(self.pools)}")
+        while p.busy:
+            await asyncio.sleep(0.05)
+        await self._refresh(p)
+        if p.kind is None:
+            raise RuntimeError(f"kind {kind} is not registered (not running?)")
+        n = max(1, min(n, self.cfg.runtime.num_shards))
+        p.action = asyncio.get_running_loop().create_task(self._resize(p, n, "operator"))
+        await p.action
+        return (await self.status())["pools"][kind]
+
+    async def on_stop(self) -> None:
+        self._task.cancel()
+        for p in self.pools.values():
+            if p.action is not None:
+                p.action.cancel()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _r(self):
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.cfg.redis.url)
+        return self._redis
+
+    def _event(self, p: _Pool, action: str, **data: Any) -> dict:
+        ev = {"t": round(time.time() - self._t0, 2), "at": time.time(), "kind": p.policy.kind, "action": action,
+              **data}
+        self.events.append(ev)
+        del self.events[:-_EVENTS_MAX]
+        log.warning("autoscaler %s %s: %s", p.policy.kind, action,
+                    {k: v for k, v in data.items() if k not in ("report",)})
+        return ev
+
+    async def _run(self) -> None:
+        if not self.acfg.enabled:
+            return
+        while True:
+            t0 = time.monotonic()
+            try:
+                for p in self.pools.values():
+                    if not p.busy:
+                        await self._tick(p)
+                self._ticks += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._errors += 1
+                log.warning("autoscaler tick failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(max(0.05, self.acfg.interval_s - (time.monotonic() - t0)))
+
+    async def _refresh(self, p: _Pool) -> None:
+        if p.kind is None:
+            raw = await self._r().hget(KINDS_KEY, p.policy.kind)
+            if raw is None:
+                p.note = "kind not registered"
+                return
+            p.kind = EntityKind.model_validate_json(raw)
+        m = await load_map(self._r(), p.kind.name, p.kind.host_count(self.cfg), self.cfg.runtime.num_shards,
+                           self._epoch)
+        p.hosts, p.version = list(m.hosts), m.version
+        p.moving = bool(m.moving)
+
+    async def _host(self, name: str):
+        h = self._handles.get(name)
+        if h is None:
+            h = await self._resolve(name)
+            if h is not None:
+                self._handles[name] = h
+        return h
+
+    async def _load(self, name: str) -> dict | None:
+        try:
+            h = await self._host(name)
+            if h is None:
+                return None
+            return await asyncio.wait_for(h.load.remote(), 2.0)
+        except Exception:
+            self._handles.pop(name, None)
+            return None
+
+    async def _supervisor(self, p: _Pool):
+        from supervisors.resolve import resolve_async
+
+        try:
+            return await resolve_async(p.policy.supervisor, namespace=self.ns, timeout_s=2.0)
+        except LookupError:
+            return None
+
+    async def _tick(self, p: _Pool) -> None:
+        await self._refresh(p)
+        if p.kind is None:
+            return
+        pol, now = p.policy, time.monotonic()
+        if p.moving:  # a handover was interrupted: finish it
+            p.action = asyncio.get_running_loop().create_task(self._resize(p, len(p.hosts), "resume handover"))
+            return
+        sup = await self._supervisor(p)
+        if sup is None:
+            p.note = f"supervisor {pol.supervisor} not running"
+            return
+        # reconcile the supervisor's host children with the map
+        children = {c["name"]: c for c in await sup.which_children.remote()}
+        prefix = f"{p.kind.name}.host."
+        missing = [i for i in p.hosts if p.kind.host_name(i) not in children]
+        extra = [c for name, c in children.items() if name.startswith(prefix)
+                 and name[len(prefix):].isdigit() and int(name[len(prefix):]) not in p.hosts
+                 and p.version > 0]
+        if missing or extra:
+            p.action = asyncio.get_running_loop().create_task(self._reconcile(p, sup, missing, extra))
+            return
+        loads = await asyncio.gather(*(self._load(p.kind.host_name(i)) for i in p.hosts))
+        seen = [x for x in loads if x]
+        backlog = sum(x["inflight"] + x["held"] for x in seen)
+        per_host = backlog / max(1, len(p.hosts))
+        lat = max((x["lat_p95_ms"] for x in seen), default=0.0)
+        lag = max((x["loop_lag_ms"] for x in seen), default=0.0)
+        p.signal = {"backlog": backlog, "per_host": round(per_host, 1), "lat_p95_ms": lat,
+                    "loop_lag_ms": lag, "hosts_seen": len(seen)}
+        metrics.POOL_HOSTS.set(len(p.hosts), kind=pol.kind)
+        metrics.POOL_BACKLOG.set(backlog, kind=pol.kind)
+        metrics.POOL_LATENCY.set(lat / 1000.0, kind=pol.kind)
+        up = per_host > pol.up_backlog or lat > pol.up_latency_ms
+        down = per_host < pol.down_backlog and lat < pol.down_latency_ms
+        p.above_since = (p.above_since or now) if up else None
+        p.below_since = (p.below_since or now) if down else None
+        n = len(p.hosts)
+        target = n
+        reason = ""
+        if n < pol.min_hosts:
+            target, reason = pol.min_hosts, "below min_hosts"
+        elif n > pol.max_hosts:
+            target, reason = pol.max_hosts, "above max_hosts"
+        elif len(seen) < len(p.hosts):
+            p.note = f"{len(p.hosts) - len(seen)} host(s) not answering: no decision"
+        elif now - p.last_change >= pol.cooldown_s:
+            if up and now - p.above_since >= pol.up_after_s and n < pol.max_hosts:
+                target = min(pol.max_hosts, n + pol.step)
+                reason = (f"backlog {per_host:.0f}/host > {pol.up_backlog:g}" if per_host > pol.up_backlog
+                          else f"p95 {lat:.0f} ms > {pol.up_latency_ms:g}")
+            elif down and now - p.below_since >= pol.down_after_s and n > pol.min_hosts:
+                target = n - 1
+                reason = f"backlog {per_host:.1f}/host < {pol.down_backlog:g}, p95 {lat:.0f} ms for {pol.down_after_s:g} s"
+        if target != n:
+            p.action = asyncio.get_running_loop().create_task(self._resize(p, target, reason))
+
+    # ---- actions ----------------------------------------------------------------------------
+    async def _reconcile(self, p: _Pool, sup, missing: list[int], extra: list[dict]) -> None:
+        try:
+            for i in missing:
+                self._event(p, "re-add", host=p.kind.host_name(i), reason="in the map, not in its supervisor")
+                await sup.add_child.remote(host_child_spec(self.cfg, p.kind, i))
+            for c in extra:
+                self._event(p, "remove-extra", host=c["name"], reason="not in the map")
+                await sup.remove_child.remote(c["name"], "not in the shard map")
+                self._handles.pop(c["name"], None)
+        except Exception as e:
+            self._errors += 1
+            log.warning("reconcile of %s failed: %s", p.policy.kind, e)
+
+    def _shape(self, p: _Pool) -> dict:
+        cpus = host_actor_options(p.kind, self.cfg).get("num_cpus") or 0
+        return {"CPU": cpus} if cpus > 0 else {}
+
+    async def _capacity(self, p: _Pool, adding: int) -> None:
+        """Ask Ray for nodes when the hosts to add do not fit on the nodes there are."""
+        shape = self._shape(p)
+        if not shape or not self.acfg.request_resources:
+            return
+        import ray
+
+        avail = ray.available_resources().get("CPU", 0.0)
+        need = shape["CPU"] * adding
+        if avail + 1e-9 >= need:
+            return
+        bundles = []
+        for q in self.pools.values():
+            s = self._shape(q) if q.kind is not None else {}
+            if s:
+                n = len(q.hosts) + (adding if q is p else 0)
+                bundles.extend([dict(s)] * n)
+        await self._request(bundles, p, f"{adding} host(s) of {shape['CPU']:g} CPU do not fit "
+                                         f"({avail:g} CPU free)")
+
+    async def _request(self, bundles: list[dict], p: _Pool, why: str) -> None:
+        if bundles == self._requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        try:
+            await asyncio.to_thread(request_resources, bundles=bundles)
+            self._requested = bundles
+            metrics.CAPACITY_REQUESTS.inc()
+            self._event(p, "request_resources", bundles=len(bundles), cpus=sum(b.get("CPU", 0) for b in bundles),
+                        reason=why)
+        except Exception as e:
+            log.warning("request_resources failed: %s", e)
+
+    async def _resize(self, p: _Pool, target: int, reason: str) -> None:
+        t0 = time.monotonic()
+        before = list(p.hosts)
+        sup = await self._supervisor(p)
+        try:
+            if sup is None:
+                raise RuntimeError(f"supervisor {p.policy.supervisor} not running")
+            if target > len(before):
+                free = [i for i in range(self.cfg.runtime.num_shards) if i not in before]
+                new = free[: target - len(before)]
+                await self._capacity(p, len(new))
+                started = await asyncio.gather(
+                    *(sup.add_child.remote(host_child_spec(self.cfg, p.kind, i)) for i in new),
+                    return_exceptions=True)
+                ok = [i for i, r in zip(new, started) if not isinstance(r, BaseException)]
+                for i, r in zip(new, started):
+                    if isinstance(r, BaseException):
+                        self._event(p, "grow-failed", host=p.kind.host_name(i), reason=str(r)[:300])
+                if not ok:
+                    return
+                nodes = sorted({r.get("node_id", "")[:8] for r in started if isinstance(r, dict)})
+                report = await rebalance(self.cfg, self._r(), p.kind, before + ok, resolve=self._resolve)
+                metrics.SCALE_DECISIONS.inc(kind=p.policy.kind, direction="up")
+                self._event(p, "grow", hosts_before=len(before), hosts_after=len(before) + len(ok), reason=reason,
+                            signal=dict(p.signal), moved=report["moved"], handover_s=report["seconds"],
+                            nodes=nodes, seconds=round(time.monotonic() - t0, 2))
+            elif target < len(before):
+                keep = sorted(before)[:target]
+                leave = [i for i in before if i not in keep]
+                report = await rebalance(self.cfg, self._r(), p.kind, keep, resolve=self._resolve)
+                for i in leave:
+                    await sup.remove_child.remote(p.kind.host_name(i), "pool shrunk")
+                    self._handles.pop(p.kind.host_name(i), None)
+                metrics.SCALE_DECISIONS.inc(kind=p.policy.kind, direction="down")
+                self._event(p, "shrink", hosts_before=len(before), hosts_after=len(keep), reason=reason,
+                            signal=dict(p.signal), moved=report["moved"], handover_s=report["seconds"],
+                            passivated=report.get("passivated", 0), seconds=round(time.monotonic() - t0, 2))
+                if self._requested:
+                    bundles = []
+                    for q in self.pools.values():
+                        s = self._shape(q) if q.kind is not None else {}
+                        if s:
+                            n = len(keep) if q is p else len(q.hosts)
+                            bundles.extend([dict(s)] * n)
+                    await self._request(bundles, p, "pool shrunk")
+            else:  # same size: an interrupted handover to finish
+                report = await rebalance(self.cfg, self._r(), p.kind, before, resolve=self._resolve)
+                if report.get("resumed"):
+                    self._event(p, "handover-resumed", reason=reason)
+        except Exception as e:
+            self._errors += 1
+            self._event(p, "resize-failed", target=target, reason=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            p.last_change = time.monotonic()
+            p.above_since = p.below_since = None
+            try:
+                await self._refresh(p)
+            except Exception:
+                pass
+            metrics.POOL_HOSTS.set(len(p.hosts), kind=p.policy.kind)
+
