@@ -398,7 +398,10 @@ def _find_signer_cert(si: acms.SignerInfo, certs: Sequence[x509.Certificate]) ->
             if c.serial_number != serial:
                 continue
             try:
-                if ax.Name.load(c.issuer.public_bytes()) == issuer_der:
+                raw = c.issuer.public_bytes()
+                # same DER: equal without the (slow) RFC 4518 string preparation of
+                # asn1crypto's Name comparison; otherwise compare semantically
+                if raw == issuer_der.dump() or ax.Name.load(raw) == issuer_der:
                     return c
             except Exception:
                 continue
