@@ -114,7 +114,10 @@ def from_xml(data: bytes | str, *, content_type: str | None = None) -> dict[str,
     ``NotFhir`` (typed, with a clear message)."""
     if content_type and "json" in content_type.lower():
         raise JsonNotXml(f"content type {content_type!r}: the Terminservice exchanges XML only")
-    raw = data.encode() if isinstance(data, str) else bytes(data)
+    try:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+    except UnicodeEncodeError as e:  # lone surrogates in a str
+        raise MalformedXml(f"payload is not encodable text: {e.reason}") from None
     head = raw.lstrip()[:1]
     if head in (b"{", b"["):
         raise JsonNotXml("payload is JSON; the Terminservice exchanges FHIR XML only")
@@ -126,6 +129,8 @@ def from_xml(data: bytes | str, *, content_type: str | None = None) -> dict[str,
         root = ET.fromstring(raw)
     except ET.ParseError as e:
         raise MalformedXml(f"not well-formed XML: {e}") from None
+    except (LookupError, ValueError) as e:  # e.g. encoding="x-bogus" in the XML declaration
+        raise MalformedXml(f"unreadable XML: {e}") from None
     if not root.tag.startswith(_NS):
         raise NotFhir(f"root element {root.tag!r} is not in the FHIR namespace {FHIR_NS}")
     rtype = root.tag[len(_NS):]
