@@ -211,7 +211,7 @@ class RoutingSlip(Entity[SlipState]):
         self.ctx.tell(WORKER_KIND, self.key, StepOrder(
             mail_id=self.key, step=s.step, attempt=s.attempt, roadmap=s.roadmap, roadmap_version=s.roadmap_version,
             mailbox=s.mailbox, facts=dict(s.facts), blobs=dict(s.blobs), dispatched_at=s.updated_at,
-            chain=getattr(kim, "fuse_max", 1)))
+            chain=getattr(kim, "fuse_max", 1), since=s.created_at))
         self.ctx.cancel_timer("retry")
         self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt), delay_s=kim.step_timeout_s)
 

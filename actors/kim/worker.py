@@ -10,6 +10,9 @@ slip ignores a second, stale result.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import time
 
 from pydantic import BaseModel
@@ -23,6 +26,49 @@ SLIP_KIND = "kim.slip"
 
 class WorkerState(BaseModel):
     pass
+
+
+class OldestFirst:
+    """At most ``limit`` orders run at once in this process; waiting orders go in order of
+    their mail's age (``StepOrder.since``), so a flood of new mails does not starve the
+    later segments of mails already under way (first in, first done)."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self.running = 0
+        self._heap: list = []
+        self._seq = itertools.count()
+
+    async def acquire(self, prio: float) -> None:
+        if self.running < self.limit and not self._heap:
+            self.running += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (prio, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._heap:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(None)  # the slot passes on
+                return
+        self.running -= 1
+
+
+_GATE: OldestFirst | None = None
+
+
+def gate() -> OldestFirst:
+    global _GATE
+    if _GATE is None:
+        _GATE = OldestFirst()
+    return _GATE
 
 
 class WorkerAck(BaseModel):
@@ -57,6 +103,8 @@ class StepWorker(Entity[WorkerState]):
         from actors.kim.steps import run_chain
 
         ports = self.ctx.ports
+        g = gate()
+        await g.acquire(msg.since or msg.dispatched_at)
         try:
             results = await run_chain(msg, ports, sync=False)
             await ports.durable()
@@ -64,6 +112,8 @@ class StepWorker(Entity[WorkerState]):
             results = [StepResult(mail_id=msg.mail_id, step=msg.step, attempt=msg.attempt, outcome="error",
                                   error=StepError(code="io_error" if isinstance(e, OSError) else "step_crashed",
                                                   reason=f"{type(e).__name__}", retryable=True))]
+        finally:
+            g.release()
         if msg.chain <= 1 and len(results) == 1:
             self.ctx.tell(SLIP_KIND, msg.mail_id, results[0])
         else:

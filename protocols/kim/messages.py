@@ -40,6 +40,7 @@ class StepOrder(BaseModel):
     #: first side-effecting step, so no two side effects happen without a durable
     #: transition between them). 1 = one step per dispatch.
     chain: int = 1
+    since: float = 0.0  # when the slip was created: workers run the oldest mails' orders first
 
 
 class StepResult(BaseModel):
