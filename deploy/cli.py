@@ -156,6 +156,12 @@ def _redact(obj: Any, key: str = "") -> Any:
     k = key.lower()
     if obj is not None and any(w in k for w in _SECRET_WORDS) and not k.endswith(("_file", "_path")):
         return "***"
+    if isinstance(obj, str) and "://" in obj and "@" in obj:  # credentials in a URL: scheme://user:pw@host
+        scheme, _, rest = obj.partition("://")
+        userinfo, at, host = rest.partition("@")
+        if at and "/" not in userinfo:
+            user = userinfo.split(":", 1)[0]
+            return f"{scheme}://{user + ':' if user else ''}***@{host}"
     return obj
 
 
@@ -232,6 +238,7 @@ app.add_typer(sim_app, name="sim")
 from actors.moped.cli import moped_app; app.add_typer(moped_app, name="moped")  # noqa: E402,E702
 from actors.efa.cli import bench_efa, efa_app; app.add_typer(efa_app, name="efa"); bench_app.command("efa")(bench_efa)  # noqa: E402,E702
 from deploy.chaos.cli import chaos_cmd; app.command("chaos")(chaos_cmd)  # noqa: E402,E702
+from deploy.keys_cli import keys_app; app.add_typer(keys_app, name="keys")  # noqa: E402,E702
 from deploy.loadtest import loadtest_cmd; app.command("loadtest")(loadtest_cmd)  # noqa: E402,E702
 # <<< end of capability sub-apps
 

@@ -31,6 +31,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 MAGIC = b"AMG1"
+#: a ring read from a file looks at the file again at most this often when it encrypts, so a
+#: rotation (``automat keys rotate``) reaches every running process within this time
+RELOAD_CHECK_S = 5.0
 NONCE_LEN = 12
 TAG_LEN = 16
 KEY_LEN = 32
@@ -182,6 +186,8 @@ class KeyRing:
         self._aead = {kid: AESGCM(k) for kid, k in checked.items()}
         self._active = active
         self._path: Path | None = None
+        self._checked = 0.0  # monotonic time of the last look at the file
+        self._mtime: int | None = None
 
     # ---- construction / files -------------------------------------------------------
     @classmethod
@@ -189,7 +195,31 @@ class KeyRing:
         keys, active = _load_keys_file(Path(path))
         ring = cls(keys, active)
         ring._path = Path(path)
+        ring._note_file()
         return ring
+
+    def _note_file(self) -> None:
+        self._checked = time.monotonic()
+        try:
+            self._mtime = self._path.stat().st_mtime_ns if self._path else None
+        except OSError:
+            self._mtime = None
+
+    def _maybe_reload(self) -> None:
+        """Pick up a rotation done by another process (file changed since the last look)."""
+        if self._path is None or time.monotonic() - self._checked < RELOAD_CHECK_S:
+            return
+        self._checked = time.monotonic()
+        try:
+            mtime = self._path.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._mtime:
+            try:
+                self.reload()
+                self._mtime = mtime
+            except CryptoError:
+                pass  # keep the keys we have; reload() names the problem when called directly
 
     @classmethod
     def generate(cls, kid: str = "k1") -> "KeyRing":
@@ -268,6 +298,7 @@ class KeyRing:
                 del self._keys[kid], self._aead[kid]
                 raise
             self._path = path
+            self._note_file()
             return kid
 
     # ---- properties -----------------------------------------------------------------
@@ -284,6 +315,7 @@ class KeyRing:
 
     # ---- encrypt / decrypt ----------------------------------------------------------
     def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
+        self._maybe_reload()
         with self._lock:
             kid = self._active
             aead = self._aead[kid]

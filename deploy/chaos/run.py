@@ -138,18 +138,19 @@ def chaos_root_spec(cfg):
     from deploy.app import capability_modules, infra_spec
     from supervisors.spec import ChildSpec, SupervisorSpec
 
-    children = [infra_spec(cfg)]
+    slow = {"start_timeout_s": 900}  # a busy 2-core machine starts ~25 actors slowly
+    children = [infra_spec(cfg).model_copy(update=slow)]
     for m in capability_modules():
         cap = m.__name__.split(".")[1]
         if cap == "kim":
-            children.append(m.supervisor_spec(cfg))
+            children.append(m.supervisor_spec(cfg).model_copy(update=slow))
             continue
         kinds = [k.model_copy(update={"hosts": 1}) for k in m.kinds(cfg)]
         children.append(SupervisorSpec(
             name=cap, strategy="one_for_one", max_restarts=50, max_seconds=60, parallel_start=True,
-            children=[ChildSpec(**d) for k in kinds for d in host_child_specs(cfg, k)]))
+            start_timeout_s=900, children=[ChildSpec(**d) for k in kinds for d in host_child_specs(cfg, k)]))
     return SupervisorSpec(name="root", strategy="one_for_one", max_restarts=1000, max_seconds=60,
-                          children=children)
+                          start_timeout_s=900, children=children)
 
 
 def chaos_kinds(cfg):
@@ -327,8 +328,16 @@ class ChaosRun:
         }
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", namespace=self.cfg.runtime.namespace, num_cpus=4, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": env})
+        for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a busy machine
+            try:
+                ray.init(address="local", namespace=self.cfg.runtime.namespace, num_cpus=4, include_dashboard=False,
+                         log_to_driver=False, runtime_env={"env_vars": env})
+                return
+            except Exception as e:
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                self.say(f"[yellow]Ray did not come up ({e}); once more[/]")
+                ray.shutdown()
 
     async def _start_tree(self):
         import redis.asyncio as aioredis
@@ -341,8 +350,22 @@ class ChaosRun:
             await register_kinds(r, chaos_kinds(self.cfg))
         finally:
             await r.aclose()
-        return await asyncio.to_thread(start_root, chaos_root_spec(self.cfg), namespace=self.cfg.runtime.namespace,
-                                       name=ROOT)
+        spec = chaos_root_spec(self.cfg)
+        ns = self.cfg.runtime.namespace
+
+        def start():
+            import ray
+
+            from supervisors.supervisor import Supervisor
+
+            # create the root first and give it time: on a busy 2-core machine an actor can
+            # take longer than start_root's 60 s to come up
+            h = Supervisor.options(name=ROOT, namespace=ns, lifetime="detached", get_if_exists=True,
+                                   **spec.options).remote(spec, ns, ROOT)
+            ray.get(h.get_spec.remote(), timeout=600)
+            return start_root(spec, namespace=ns, name=ROOT, timeout_s=900)
+
+        return await asyncio.to_thread(start)
 
     def _stop_tree(self) -> None:
         import ray
