@@ -13,6 +13,12 @@ fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is syn
 4. no new mail: IDLE (if offered) until the server says EXISTS or ``idle_timeout_s``,
    else poll every ``imap.poll_interval_s``.
 
+Admission control (backpressure): a mailbox actor keeps at most
+``kim.max_in_flight / kim.fetchers`` of its mails in flight (slip created, not terminal);
+beyond that it leaves new mails in their INBOX until older ones are terminal (checked in
+Redis with one small script: only the status of each slip crosses the wire). So a flood
+of mails never becomes a queue of step orders longer than the watchdog allows.
+
 A crash between any two steps neither loses nor doubles a mail: before the slip exists
 the mail is still in INBOX (fetched again next time); after, the same ``mail_id`` finds
 the slip ("already owned") and the mail is only moved. Errors reconnect with backoff.
@@ -21,9 +27,11 @@ the slip ("already owned") and the mail is only moved. Errors reconnect with bac
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.parser
 import email.policy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -37,6 +45,15 @@ from supervisors.child import Supervised
 log = logging.getLogger("automat.kim.mailbox")
 
 CURSOR_KEY = "automat:kim:cursor"
+_STATUS_LUA = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local v = redis.call('HGET', k, 's')
+  if v then out[i] = string.match(v, '"status":"(%a+)"') or '?' else out[i] = '' end
+end
+return out
+"""
+_TERMINAL = {b"done", b"rejected", b"parked", b""}
 BLOB_KIND = "kim-mail"
 PSEUDONYM_DOMAIN = "kim.mail"
 
@@ -87,6 +104,11 @@ class MailboxFetcher(Supervised):
         self.counts: dict[str, dict[str, int]] = {b.user: {"fetched": 0, "created": 0, "owned": 0, "moved": 0,
                                                           "errors": 0} for b in self.boxes}
         self.state: dict[str, str] = {b.user: "starting" for b in self.boxes}
+        self._inflight: collections.deque[str] = collections.deque()
+        mx = getattr(cfg.kim, "max_in_flight", 0) or 0
+        self._limit = max(cfg.kim.fetch_batch, -(-mx // max(1, cfg.kim.fetchers))) if mx else 0
+        self._admit_lock: asyncio.Lock | None = None
+        self.waited_s = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -100,6 +122,7 @@ class MailboxFetcher(Supervised):
         from actors.runtime.router import Router
 
         self.redis = aioredis.from_url(self.cfg.redis.url)
+        self._status = self.redis.register_script(_STATUS_LUA)
         self.router = Router(self.cfg)
         self.blobs = BlobStore(self.cfg.blob.dir, KeyRing.from_file(self.cfg.crypto.keys_file))
         self.pseudo = Pseudonymizer.from_file(self.cfg.crypto.pseudonym_key_file)
@@ -126,8 +149,9 @@ class MailboxFetcher(Supervised):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def stats(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "mailboxes": {u: {**c, "state": self.state[u]}
-                                                                        for u, c in self.counts.items()}}
+        return {"index": self.index, "pid": os.getpid(), "in_flight": len(self._inflight), "limit": self._limit,
+                "waited_s": round(self.waited_s, 1),
+                "mailboxes": {u: {**c, "state": self.state[u]} for u, c in self.counts.items()}}
 
     async def pid(self) -> int:
         return os.getpid()
@@ -175,6 +199,34 @@ class MailboxFetcher(Supervised):
                     except Exception:
                         pass
 
+    async def _admit(self, n: int, user: str) -> None:
+        """Wait until ``n`` more mails fit under the in-flight limit."""
+        if not self._limit:
+            return
+        if self._admit_lock is None:
+            self._admit_lock = asyncio.Lock()
+        t0 = time.monotonic()
+        async with self._admit_lock:
+            while len(self._inflight) + n > self._limit and not self._stopping:
+                await self._prune()
+                if len(self._inflight) + n <= self._limit:
+                    break
+                self.state[user] = f"waiting: {len(self._inflight)} mails in flight"
+                await asyncio.sleep(0.3)
+        self.waited_s += time.monotonic() - t0
+
+    async def _prune(self, window: int = 500) -> None:
+        """Forget in-flight mails whose slips are terminal (the oldest ``window`` checked)."""
+        from actors.runtime.store import state_key
+
+        ids = list(itertools.islice(self._inflight, window))
+        if not ids:
+            return
+        st = await self._status(keys=[state_key("kim.slip", m) for m in ids])
+        gone = {m for m, v in zip(ids, st) if (v or b"") in _TERMINAL}
+        if gone:
+            self._inflight = collections.deque(m for m in self._inflight if m not in gone)
+
     async def _cursor(self, user: str) -> tuple[int, int]:
         raw = await self.redis.hget(CURSOR_KEY, user)
         if not raw:
@@ -205,6 +257,7 @@ class MailboxFetcher(Supervised):
                 self.state[user] = f"fetching {len(uids)}"
                 for i in range(0, len(uids), self.cfg.kim.fetch_batch):
                     chunk = uids[i:i + self.cfg.kim.fetch_batch]
+                    await self._admit(len(chunk), user)
                     await self._handle_chunk(box, client, uidvalidity, chunk)
                 continue
             self.state[user] = "idle"
@@ -261,6 +314,7 @@ class MailboxFetcher(Supervised):
                 FETCHED.inc(mailbox=user, result="already_owned")
                 await self._run(self.blobs.delete, ref)
             owned.append(uid)
+            self._inflight.append(mail_id)
 
         results = await asyncio.gather(*(one(u) for u in uids), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]

@@ -56,6 +56,7 @@ class Options:
     worker_hosts: int = 2
     fetchers: int = 2
     fuse_max: int | None = None
+    max_in_flight: int | None = None
     redis_db: int | None = None
     timeout_s: float = 3600.0
     stall_s: float = 180.0
@@ -76,6 +77,8 @@ def run_config(cfg, opt: Options, run_id: str):
     c.kim.fetch_batch = max(c.kim.fetch_batch, 200)
     if opt.fuse_max is not None:
         c.kim.fuse_max = opt.fuse_max
+    if opt.max_in_flight is not None:
+        c.kim.max_in_flight = opt.max_in_flight
     c.kafka.topic_prefix = f"{cfg.kafka.topic_prefix}lt{run_id}."
     c.runtime.namespace = f"automat-lt-{run_id}"
     if opt.redis_db is not None:
@@ -266,7 +269,7 @@ async def _profile_workers(cfg, out: Path, seconds: int = 30) -> list[str]:
             continue
         raw = out / f"profile-worker-{i}.folded"
         proc = await asyncio.create_subprocess_exec(
-            str(spy), "record", "-p", str(pid), "-d", str(seconds), "-r", "50", "-f", "raw", "-o", str(raw),
+            str(spy), "record", "-p", str(pid), "-d", str(seconds), "-r", "50", "-f", "raw", "-o", str(raw), "--nonblocking",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         if proc.returncode != 0 or not raw.exists():
@@ -295,7 +298,22 @@ def fold_top(folded: str, n: int = 40) -> str:
         for f in set(frames):
             incl[f] += c
         leaf[frames[-1]] += c
-    lines = [f"{total} samples", "", "inclusive (% of samples with the function on the stack):"]
+    # where the step work goes: samples under run_chain, by the step function running
+    steps: Counter = Counter()
+    in_chain = 0
+    for line in folded.splitlines():
+        stack, _, cnt = line.rpartition(" ")
+        if not cnt.isdigit() or "run_chain" not in stack:
+            continue
+        in_chain += int(cnt)
+        frames = stack.split(";")
+        k = next((i for i, f in enumerate(frames) if f.startswith("_run_step")), None)
+        name = frames[k + 1].split(" (")[0] if k is not None and k + 1 < len(frames) else "(chain overhead)"
+        steps[name] += int(cnt)
+    lines = [f"{total} samples, {in_chain} in step work (run_chain)", "", "step work by step function "
+             "(% of run_chain samples):"]
+    lines += [f"{100 * c / max(1, in_chain):6.1f}%  {f}" for f, c in steps.most_common(30)]
+    lines += ["", "inclusive (% of samples with the function on the stack):"]
     lines += [f"{100 * c / max(1, total):6.1f}%  {f}" for f, c in incl.most_common(n)]
     lines += ["", "self (% of samples with the function on top):"]
     lines += [f"{100 * c / max(1, total):6.1f}%  {f}" for f, c in leaf.most_common(n)]
@@ -524,7 +542,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         "offered_rate": opt.rate, "fault_rate": opt.faults, "mailboxes": len(users), "seed": seed,
         "mix": {p.value: round(w, 4) for p, w in mix.items()},
         "pipeline": {"slip_hosts": lcfg.kim.slip_hosts, "worker_hosts": lcfg.kim.worker_hosts,
-                     "fetchers": lcfg.kim.fetchers, "fuse_max": lcfg.kim.fuse_max, "num_shards": lcfg.runtime.num_shards},
+                     "fetchers": lcfg.kim.fetchers, "fuse_max": lcfg.kim.fuse_max, "num_shards": lcfg.runtime.num_shards,
+                     "max_in_flight": lcfg.kim.max_in_flight},
         "machine": {"cores": os.cpu_count(), "memory_gib": _mem_gib(), "loadavg_end": _loadavg()},
         "generator": gen_stats,
         "throughput": {"seconds": round(span, 2), "mails_per_s": mails_per_s,

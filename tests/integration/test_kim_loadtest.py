@@ -1,5 +1,6 @@
 """CI smoke run of ``automat loadtest`` (the command a load tester runs), a few thousand
-mails: the ledger balances, nothing is lost or doubled, every mail ends as the spec
+mails (at most 400 in flight: the mailbox actors' admission control holds the rest
+back in IMAP): the ledger balances, nothing is lost or doubled, every mail ends as the spec
 prescribes, and the report has its shape (JSON keys, Markdown, PNG chart, summary line).
 Speed is not asserted here - the numbers are the report's business.
 
@@ -28,7 +29,7 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "AUTOMAT_RUN_DIR": str(cfg.run_dir)}
     cmd = [sys.executable, "-m", "deploy.cli", "loadtest", "--mails", str(N), "--mailboxes", "8",
-           "--baseline-mails", "60", "--redis-db", "5", "--no-live", "--out", str(out), "--timeout", "600",
+           "--baseline-mails", "60", "--redis-db", "5", "--max-in-flight", "400", "--no-live", "--out", str(out), "--timeout", "600",
            "--seed", "4242"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
     tail = (p.stdout + p.stderr)[-4000:]
