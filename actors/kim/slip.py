@@ -213,10 +213,7 @@ class RoutingSlip(Entity[SlipState]):
             mailbox=s.mailbox, facts=dict(s.facts), blobs=dict(s.blobs), dispatched_at=s.updated_at,
             chain=getattr(kim, "fuse_max", 1), since=s.created_at))
         self.ctx.cancel_timer("retry")
-        # a fused segment may run up to ``chain`` steps: its watchdog allows more time
-        chain = max(1, int(getattr(kim, "fuse_max", 1)))
-        self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt),
-                           delay_s=kim.step_timeout_s * min(chain, 8))
+        self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt), delay_s=kim.step_timeout_s)
 
     def _close_run(self, result: str, error: str | None = None, worker_ms: float = 0.0,
                    ended: float | None = None) -> None:

@@ -127,7 +127,7 @@ class KimConfig(_Section):
     core_db: Path | None = None  # the reference core system's SQLite file (None -> <run_dir>/core/core.sqlite3)
     # admission control: mails received but not yet terminal, over all mailbox actors (0 = no
     # limit); beyond it new mails wait in their INBOX (the backlog stays visible in IMAP)
-    max_in_flight: int = Field(2000, ge=0)
+    max_in_flight: int = Field(500, ge=0)
 
 
 class PoolPolicy(_Section):
