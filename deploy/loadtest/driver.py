@@ -421,6 +421,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
     if stack is not None:
         roots += [p for ps in stack.processes().values() for p in ps[:1]]
     sampler = ProcSampler(roots)
+    pipe_sampler = ProcSampler([os.getpid()])  # the driver and its Ray cluster only (no stack services)
+    sampler.also = pipe_sampler
     await asyncio.to_thread(sampler.sample)
     info0 = await redis.info("stats")
     mon = Monitor(lcfg)
@@ -520,9 +522,10 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
     cpu_pct = [0.0] + [round(100 * (c1 - c0) / max(1e-6, t1 - ta), 1)
                        for (ta, c0, _, _), (t1, c1, _, _) in zip(sampler.samples, sampler.samples[1:])]
     run_samples = [r for (t, _, r, _) in sampler.samples if t0 <= t <= last] or [0]
+    pipe_samples = [r for (t, _, r, _) in pipe_sampler.samples if t0 <= t <= last] or [0]
 
-    def rss_at(frac: float) -> float:
-        return round(run_samples[min(len(run_samples) - 1, int(frac * len(run_samples)))] / 2**20, 1)
+    def rss_at(frac: float, xs=run_samples) -> float:
+        return round(xs[min(len(xs) - 1, int(frac * len(xs)))] / 2**20, 1)
 
     series.update({"res_t": res_t, "rss_mib": rss, "cpu_pct": cpu_pct})
     lost = len(delivered) - led.terminal
@@ -554,6 +557,10 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         "resources": {"cpu_s": round(cpu, 1), "cpu_s_per_mail": round(cpu / n_term, 5) if n_term else None,
                       "peak_rss_mib": round(max(run_samples) / 2**20, 1),
                       "rss_mib_at": [rss_at(0.25), rss_at(0.5), rss_at(0.9)],
+                      "pipeline_peak_rss_mib": round(max(pipe_samples) / 2**20, 1),
+                      "pipeline_rss_mib_at": [rss_at(0.25, pipe_samples), rss_at(0.5, pipe_samples),
+                                              rss_at(0.9, pipe_samples)],
+                      "pipeline_cpu_s_per_mail": round(pipe_sampler.cpu_between(t0, last) / n_term, 5) if n_term else None,
                       "redis_ops_per_mail": round(ops / max(1, n_term), 1),
                       "processes_peak": sampler.peak_procs,
                       "scope": "the driver, its Ray cluster and the local stack's services (Redis, Dovecot, Tansu, "

@@ -54,8 +54,11 @@ class ProcSampler:
         self.samples: list[tuple[float, float, int, int]] = []  # (t, cpu s since start, rss bytes, processes)
         self.peak_rss = 0
         self.peak_procs = 0
+        self.also: "ProcSampler | None" = None  # a second sampler taken at the same moments
 
     def sample(self) -> tuple[float, int]:
+        if self.also is not None:
+            self.also.sample()
         now = time.time()
         rss = 0
         pids = descendants(self.roots)

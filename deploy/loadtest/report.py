@@ -58,6 +58,9 @@ def markdown(r: dict) -> str:
         f"| CPU per mail (all processes of the run) | {_fmt(res['cpu_s_per_mail'])} s |",
         f"| peak RSS (all processes of the run) | {_fmt(res['peak_rss_mib'])} MiB |",
         f"| RSS at 25 % / 50 % / 90 % of the run | {' / '.join(_fmt(x) for x in res['rss_mib_at'])} MiB |",
+        f"| without the stack's services (driver + Ray cluster): CPU per mail, RSS at 25/50/90 % | "
+        f"{_fmt(res.get('pipeline_cpu_s_per_mail'))} s, "
+        f"{' / '.join(_fmt(x) for x in res.get('pipeline_rss_mib_at', []))} MiB |",
         f"| Redis commands per mail | {_fmt(res['redis_ops_per_mail'])} |",
         "",
         "## Ledger",
