@@ -24,6 +24,12 @@ class Needles:
     def __init__(self) -> None:
         self.kvnrs: set[bytes] = set()
         self.names: set[str] = set()  # family names (and full names)
+        self.secrets: list[bytes] = []  # key material and passwords: must never appear either
+
+    def add_secret(self, value: bytes | str) -> None:
+        v = value.encode() if isinstance(value, str) else value
+        if len(v) >= 8:
+            self.secrets.append(v)
 
     def add(self, name: str | None, kvnr: str | None) -> None:
         if kvnr:
@@ -35,11 +41,12 @@ class Needles:
             self.names.add(name)
 
     def __len__(self) -> int:
-        return len(self.kvnrs) + len(self.names)
+        return len(self.kvnrs) + len(self.names) + len(self.secrets)
 
     def find(self, blob: bytes) -> list[str]:
         """Needles found in ``blob`` (as strings; KVNRs and names)."""
         hits = [m.decode() for m in _KVNR.findall(blob) if m in self.kvnrs]
+        hits += ["<secret>" for sec in self.secrets if sec in blob]
         text = blob.decode("utf-8", errors="replace")
         if "\\u" in text:
             text = _UESC.sub(lambda m: chr(int(m.group(1), 16)), text)

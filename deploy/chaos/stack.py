@@ -50,7 +50,7 @@ def ports_of(base: int) -> dict[str, int]:
 
 def chaos_config(cfg: AutomatConfig, *, run_dir: Path | None = None, port_base: int = DEFAULT_PORT_BASE,
                  mailboxes: int = 8, fetchers: int = 2, slip_hosts: int = 2, worker_hosts: int = 2,
-                 step_timeout_s: float = 15.0) -> AutomatConfig:
+                 step_timeout_s: float = 60.0) -> AutomatConfig:
     """A copy of ``cfg`` for a chaos stack: own run dir, own ports, own secrets and files."""
     p = ports_of(port_base)
     rd = Path(run_dir or Path(cfg.run_dir) / "chaos").resolve()
