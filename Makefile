@@ -8,6 +8,8 @@
 #   make stack-down  stop it
 #   make clean       stop the stack, remove .run/ and caches (keeps .venv)
 #   make loadtest    `automat loadtest` (KIM benchmark): MAILS=240000, LOADTEST_ARGS='--rate 7 ...'
+#   make chaos       `automat chaos` on its own stack: CHAOS_ARGS='--mails 2000 --duration 300'
+#   make fuzz        the parser fuzzers with the deep profile; prints examples tried per parser
 #
 # Variables: PYTHON (python3), PYTEST_ARGS (e.g. PYTEST_ARGS='-x tests/unit').
 
@@ -46,8 +48,18 @@ loadtest: system venv
 	@mkdir -p $(RAY_TMP)
 	$(RUN_ENV) $(AUTOMAT) loadtest --mails $(MAILS) $(LOADTEST_ARGS)
 
+CHAOS_ARGS ?= --mails 2000 --duration 300
+.PHONY: chaos fuzz
+chaos: system venv
+	@mkdir -p $(RAY_TMP)
+	$(RUN_ENV) $(AUTOMAT) chaos $(CHAOS_ARGS)
+
+fuzz: venv
+	@mkdir -p $(RAY_TMP) $(RUN_DIR)/home
+	AUTOMAT_FUZZ_PROFILE=deep $(TEST_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider tests/unit/fuzz $(PYTEST_ARGS)
+
 help:
-	@sed -n '1,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '1,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 run: system venv
 	@mkdir -p $(RAY_TMP)
