@@ -42,8 +42,8 @@ class Claims(BaseModel):
     sub: str = Field(min_length=1, max_length=200)
     org: str = Field(min_length=1, max_length=200)
     role: str = Field(min_length=1, max_length=64)
-    iat: float
-    exp: float
+    iat: float = Field(allow_inf_nan=False)  # NaN would make "expired" never true
+    exp: float = Field(allow_inf_nan=False)
     jti: str = Field(min_length=8, max_length=64)
 
 

@@ -197,13 +197,13 @@ def parse_bundle(bundle: dict[str, Any], op: str) -> list[Entry]:
     entries: list[Entry] = []
     type_issues: list[Issue] = []
     for i, e in enumerate(raw_entries):
-        res = e.get("resource")
+        res = e.get("resource") if isinstance(e, dict) else None
         where = f"Bundle.entry[{i}].resource"
         if not isinstance(res, dict):
             issues.append(Issue(code="required", rule="fhir-r5", expression=where, message="entry without a resource"))
             continue
         rt = res.get("resourceType")
-        if rt not in allowed:
+        if not isinstance(rt, str) or rt not in allowed:  # (a list here is unhashable)
             type_issues.append(Issue(code="not-supported", rule=f"bundle-content.{op}", expression=where,
                                      message=f"resource type {rt!r} is not accepted by ${op} "
                                              f"(allowed: {', '.join(sorted(allowed))})"))

@@ -44,9 +44,11 @@ _ENCOUNTER_TRANSFER = [("subject", "patient", False), ("partOf", "encounter", Fa
 
 def is_transfer(resource: dict[str, Any]) -> bool:
     """A transfer (department) encounter carries type code TENC."""
-    for cc in resource.get("type") or []:
-        for c in (cc or {}).get("coding") or []:
-            if c.get("code") == codes.TRANSFER_ENCOUNTER:
+    types = resource.get("type")
+    for cc in types if isinstance(types, list) else []:  # a client's body may have any shape
+        codings = cc.get("coding") if isinstance(cc, dict) else None
+        for c in codings if isinstance(codings, list) else []:
+            if isinstance(c, dict) and c.get("code") == codes.TRANSFER_ENCOUNTER:
                 return True
     return False
 

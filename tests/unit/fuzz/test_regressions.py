@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from protocols.tss.errors import MalformedXml
@@ -19,3 +21,55 @@ def test_tss_xml_text_with_lone_surrogate_is_malformed_xml():
     """A ``str`` payload with a lone surrogate raised UnicodeEncodeError in ``from_xml``."""
     with pytest.raises(MalformedXml):
         from_xml('<Slot xmlns="http://hl7.org/fhir"><status value="\ud800"/></Slot>')
+
+
+def test_efa_token_with_nan_expiry_is_not_valid_forever():
+    """Found by test_fuzz_efa.test_validity_period_with_odd_numbers: ``exp`` = NaN made
+    ``now > exp`` always false - a signed token that never expired. Non-finite times are
+    refused when signing and when reading a token."""
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.efa.assertion import AssertionRejected, Claims, key_id, verify
+
+    k = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    kid = key_id(k.public_key())
+    with pytest.raises(ValueError):
+        Claims(iss="i", kid=kid, sub="s", org="o", role="r", iat=0.0, exp=float("nan"), jti="0123456789")
+    body = json.dumps({"iss": "i", "kid": kid, "sub": "s", "org": "o", "role": "r", "iat": 0, "exp": float("nan"),
+                       "jti": "0123456789"}).encode()  # json writes NaN
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+    head = f"efa1.{b64(body)}"
+    token = f"{head}.{b64(k.sign(head.encode()))}"
+    with pytest.raises(AssertionRejected, match="malformed_token"):
+        verify(token, {kid: k.public_key()}, now=1e9)
+
+
+def test_moped_bundle_entry_with_a_list_as_resource_type_is_a_400():
+    """Found by test_fuzz_moped.test_structurally_edited_admissions: ``resourceType: [..]``
+    in an entry raised TypeError (unhashable list) - an HTTP 500 from the FHIR endpoint."""
+    from protocols.moped import samples
+    from protocols.moped.fhirio import MopedError, parse_operation_body
+
+    body = samples.admission()
+    body["parameter"][0]["resource"]["entry"][0]["resource"]["resourceType"] = ["Patient"]
+    with pytest.raises(MopedError) as ei:
+        parse_operation_body(json.dumps(body).encode(), "aufnehmen")
+    assert ei.value.status in (400, 422)
+
+
+def test_moped_encounter_type_of_odd_shape_is_a_400():
+    """Found by the same fuzzer: ``Encounter.type`` holding lists instead of
+    CodeableConcepts raised AttributeError in the transfer check (HTTP 500)."""
+    from protocols.moped import samples
+    from protocols.moped.fhirio import MopedError, parse_operation_body
+
+    body = samples.admission()
+    enc = next(e["resource"] for e in body["parameter"][0]["resource"]["entry"]
+               if e["resource"]["resourceType"] == "Encounter")
+    enc["type"] = [["TENC"]]
+    with pytest.raises(MopedError) as ei:
+        parse_operation_body(json.dumps(body).encode(), "aufnehmen")
+    assert ei.value.status == 400
