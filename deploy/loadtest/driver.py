@@ -390,9 +390,29 @@ async def run_loadtest(cfg, opt: Options, console) -> dict:
     result["machine"]["loadavg_start"] = loadavg_start
     result["mix_text"] = mix_text
     paths = rep.write(result, result.pop("_series"), out)
+    _print_end(console, result)
     console.print(f"report: {paths['markdown']}  {paths['json']}  {paths['chart']}")
     console.print(rep.summary_line(result))
     return result
+
+
+def _print_end(console, r: dict) -> None:
+    from rich.table import Table
+
+    led, t, lat, res = r["ledger"], r["throughput"], r["latency_ms"], r["resources"]
+    tab = Table(title="ledger: delivered = done + rejected + parked + in flight")
+    for c in ("delivered", "received", "done", "(work basket)", "rejected", "parked", "in flight", "lost",
+              "duplicates", "as spec", "balanced"):
+        tab.add_column(c, justify="right")
+    tab.add_row(*(str(led[k]) for k in ("delivered", "received", "done", "workbasket", "rejected", "parked",
+                                        "in_flight", "lost", "duplicates", "as_expected")),
+                "yes" if led["balanced"] else "[red]NO[/]")
+    console.print(tab)
+    console.print(f"{t['mails_per_s']} mails/s overall, {t['sustained_mails_per_s']} sustained; latency p50/p95/p99 "
+                  f"{lat['p50']}/{lat['p95']}/{lat['p99']} ms; CPU {res['cpu_s_per_mail']} s/mail; peak RSS "
+                  f"{res['peak_rss_mib']} MiB")
+    for b in r.get("baselines", []):
+        console.print(f"baseline {b['name']}: {b['mails_per_s']} mails/s -> automat is {b.get('ratio')}x")
 
 
 def _db_of(url: str) -> int:
