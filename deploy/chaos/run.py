@@ -77,6 +77,9 @@ class ChaosOptions(BaseModel):
     episode_s: tuple[float, float] = (3.0, 8.0)
     keep: bool = False  # leave the stack running afterwards
     fault_rate: float = 0.1
+    #: the load goes on (same rate, up to this many times ``mails`` more) until every planned
+    #: fault was injected: faults always hit a system under load
+    max_extra: float = 2.0
 
 
 class ChaosReport(BaseModel):
@@ -303,6 +306,7 @@ class ChaosRun:
         self.meta: list[MailMeta] = []
         self.needles = Needles()
         self.report = ChaosReport(seed=self.seed, run_dir=str(self.cfg.run_dir), mails=opts.mails)
+        self.faults_done = False
 
     def say(self, msg: str) -> None:
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
@@ -397,7 +401,8 @@ class ChaosRun:
         pseudo = Pseudonymizer.from_file(self.cfg.crypto.pseudonym_key_file)
         users = [b.user for b in self.cfg.kim.mailboxes]
         rate = o.mails / o.duration_s
-        stream = mail_stream(o.mails, self.seed, o.fault_rate)
+        n_max = int(o.mails * (1 + o.max_extra))
+        stream = mail_stream(n_max, self.seed, o.fault_rate)
         by_msgid: dict[str, str] = {}
         t0 = time.monotonic()
         sent = 0
@@ -412,8 +417,8 @@ class ChaosRun:
                 out.append(m)
             return out
 
-        while sent < o.mails:
-            due = min(o.mails, int((time.monotonic() - t0) * rate) + 1)
+        while sent < o.mails or (not self.faults_done and sent < n_max):
+            due = min(n_max, int((time.monotonic() - t0) * rate) + 1)
             if due <= sent:
                 await asyncio.sleep(min(0.2, (sent + 1) / rate - (time.monotonic() - t0)))
                 continue
@@ -432,6 +437,9 @@ class ChaosRun:
                 tracker.add(mid)
                 sent += 1
         tracker.load_done = True
+        self.report.mails = sent
+        if sent > o.mails:
+            self.say(f"load extended to {sent} mails until every planned fault was injected")
         self.report.load_s = time.monotonic() - t0
 
     # -- faults --------------------------------------------------------------------------
@@ -445,6 +453,12 @@ class ChaosRun:
         inj = Injector(self.stack, probe, self.core_file, hang_s=o.hang_s, episode_s=o.episode_s,
                        rng=self.rng, limit_s=o.recovery_limit_s, log=self.say)
         inj.t0 = self.t0
+        try:
+            await self._inject_all(inj, kinds, gap, tracker, stop)
+        finally:
+            self.faults_done = True
+
+    async def _inject_all(self, inj, kinds, gap, tracker, stop) -> None:
         await asyncio.sleep(min(10.0, gap))
         for i, kind in enumerate(kinds):
             if stop.is_set():
