@@ -47,10 +47,15 @@ def supervisor_spec(cfg, settings: Hl7Settings | None = None) -> SupervisorSpec:
 
 
 async def demo(cfg, router, console) -> None:
-    """Send an admission, a transfer and a discharge to the default MLLP interface."""
+    """A stay over MLLP to the default interface: admission (with an admission diagnosis),
+    transfer, discharge (with the discharge diagnosis), the services (DFT^P03 with FT1);
+    with ``moped_url`` set (the local default) the case ends as a billed MOPED case."""
     import asyncio
+    import time
 
     from actors.hl7.client import send_messages
+    from actors.hl7.keys import case_key, pseudonymizer_for
+    from actors.hl7.messages import GetBridge
     from actors.hl7.samples import adt
 
     s = load_hl7_settings(cfg)
@@ -58,8 +63,15 @@ async def demo(cfg, router, console) -> None:
     if not tcp:
         return
     port = tcp[0].config.tcp.port
-    msgs = [adt("A01", "DEMO1", "4711", "900001"), adt("A02", "DEMO2", "4711", "900001", ward="STAT2"),
-            adt("A03", "DEMO3", "4711", "900001")]
+    unit = tcp[0].config.mapping.rows[0].billing_unit
+    run = time.strftime("%H%M%S")
+    case = f"9{run}"
+    msgs = [adt("A01", f"DEMO{run}1", "4711", case, ward="NOTF", dg1=[("R10.3", "A")], event_ts="20260301080000"),
+            adt("A02", f"DEMO{run}2", "4711", case, ward="CHIR3", event_ts="20260301120000"),
+            adt("A03", f"DEMO{run}3", "4711", case, ward="CHIR3", dg1=[("K35.8", "F")], event_ts="20260305100000",
+                discharge_ts="20260305100000"),
+            adt("P03", f"DEMO{run}4", "4711", case, message_type="DFT", ward="CHIR3", event_ts="20260305110000",
+                ft1=[("T1", "01100", "1"), ("T2", "02300", "2")])]
     for _ in range(20):
         try:
             acks = await send_messages("127.0.0.1", port, msgs)
@@ -69,8 +81,23 @@ async def demo(cfg, router, console) -> None:
     else:
         console.print("[red]hl7 demo: listener not reachable[/]")
         return
-    console.print(f"[bold]hl7[/] sent A01/A02/A03 over MLLP to port {port}: ACKs "
-                  + ", ".join(a.split("|")[1] if a else "-" for a in (_msa(x) for x in acks)))
+    console.print(f"[bold]hl7[/] sent A01/A02/A03 + DFT^P03 (case {case}) over MLLP to port {port}: ACKs "
+                  + ", ".join(a.split("|")[1] if a else "-" for a in (_msa(x) for x in acks))
+                  + f"; `automat hl7 search {case}` shows the case")
+    if not s.moped_url:
+        return
+    key = case_key(pseudonymizer_for(cfg), f"{unit}/{case}")
+    v = None
+    for _ in range(60):
+        v = await router.ask(BRIDGE, key, GetBridge())
+        if len(v.done) + len(v.refused) >= 4:
+            break
+        await asyncio.sleep(0.5)
+    if v is not None:
+        console.print(f"[bold]hl7[/] MOPED bridge ({s.moped_url}): Composition/{v.composition_id} "
+                      f"operations {' '.join(v.done) or '-'}"
+                      + (f"; refused: {'; '.join(v.refused)}" if v.refused else "")
+                      + (f"; waiting: {v.waiting}" if v.waiting else ""))
 
 
 def _msa(ack: bytes) -> str:

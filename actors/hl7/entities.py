@@ -95,6 +95,7 @@ class CaseState(BaseModel):
     discharge_at: datetime | None = None
     movements: list[MovementData] = Field(default_factory=list)
     diagnoses: list[DiagnosisData] = Field(default_factory=list)
+    other_diagnoses: list[DiagnosisData] = Field(default_factory=list)
     services: list[ServiceData] = Field(default_factory=list)
     billed: list[str] = Field(default_factory=list)
     events: list[str] = Field(default_factory=list)
@@ -121,7 +122,8 @@ class CaseEntity(Entity[CaseState]):
             case_number=s.case_number, patient_number=s.patient_number, patient_key=s.patient_key,
             patient_class=s.patient_class, point_of_care=s.point_of_care, facility=s.facility,
             admit_at=s.admit_at, discharge_at=s.discharge_at, movements=list(s.movements),
-            diagnoses=list(s.diagnoses), services=list(s.services), billed=len(s.billed),
+            diagnoses=list(s.diagnoses), other_diagnoses=list(s.other_diagnoses), services=list(s.services),
+            billed=len(s.billed),
             events=list(s.events), orders=[s.order_number] if s.order_number else [],
         )
 
@@ -218,6 +220,12 @@ class CaseEntity(Entity[CaseState]):
                 if d.code not in have:
                     s.diagnoses.append(d)
                     have.add(d.code)
+        if msg.other_diagnoses:
+            have = {d.code for d in s.other_diagnoses}
+            for d in msg.other_diagnoses:
+                if d.code not in have:
+                    s.other_diagnoses.append(d)
+                    have.add(d.code)
         if msg.services:
             have_t = {x.transaction_id for x in s.services if x.transaction_id}
             for x in msg.services:
@@ -308,6 +316,7 @@ class PatientState(BaseModel):
     purge_after_days: int | None = None
     received_at: float = 0.0
     messages: int = 0
+    documentation: dict[str, str] = Field(default_factory=dict)  # S1 / S2 (external numbers)
     seen: list[str] = Field(default_factory=list)
 
 
@@ -320,7 +329,8 @@ class PatientEntity(Entity[PatientState]):
         s = self.state
         return PatientView(key=self.key, exists=s.exists, billing_unit=s.billing_unit,
                            patient_number=s.patient_number, person=s.person, taken=s.taken,
-                           case_keys=list(s.case_keys), discharged_at=s.discharged_at, messages=s.messages)
+                           case_keys=list(s.case_keys), discharged_at=s.discharged_at, messages=s.messages,
+                           documentation=dict(s.documentation))
 
     def _entry(self) -> PendingEntry:
         s = self.state
@@ -348,6 +358,7 @@ class PatientEntity(Entity[PatientState]):
         s.purge_after_days = msg.purge_after_days
         s.received_at = msg.received_at
         s.messages += 1
+        s.documentation.update(msg.documentation)
         if msg.case_number and msg.case_number not in s.case_numbers:
             s.case_numbers.append(msg.case_number)
         fresh_cases = [k for k in msg.case_keys if k not in s.case_keys]

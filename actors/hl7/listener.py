@@ -292,6 +292,11 @@ class Hl7Listener(Supervised):
             diagnoses = [DiagnosisData(code=x.code, text=x.text, coding_system=x.coding_system,
                                        diagnosis_type=x.diagnosis_type, primary=x.is_primary)
                          for x in d.diagnoses if x.code]
+            billed = {x.code for x in diagnoses}
+            others = [DiagnosisData(code=x.code, text=x.text, coding_system=x.coding_system,
+                                    diagnosis_type=x.diagnosis_type, primary=x.is_primary)
+                      for x in msg.diagnoses if x.code and x.code not in billed
+                      and (x.action_code or "").upper() != "D"]
             services = [ServiceData(transaction_id=t.transaction_id,
                                     code=t.code.code if t.code else None, text=(t.code.text if t.code else None)
                                     or t.description, coding_system=t.code.coding_system if t.code else None,
@@ -316,7 +321,8 @@ class Hl7Listener(Supervised):
                     admit_at=v.admit_at if v else None, discharge_at=v.discharge_at if v else None,
                     event_at=event_at, movement_id=mv.movement_id if mv else None,
                     movement_action=mv.action.value if mv and mv.action else None,
-                    diagnoses=diagnoses, services=services, person=person, moped_url=self.moped_url,
+                    diagnoses=diagnoses, other_diagnoses=others, services=services, person=person,
+                    moped_url=self.moped_url,
                 ))
                 case_keys.append(ck)
         await self.router.ask(PATIENT, pk, PatientImport(
@@ -324,6 +330,8 @@ class Hl7Listener(Supervised):
             received_at=received_at, billing_unit=bu, patient_number=ids.patient_number,
             case_number=ids.case_number, case_keys=case_keys, mode=mode, person=person,
             discharged_at=discharged, purge_after_days=cfg.purge_after_days,
+            documentation={k: v for k, v in ((cfg.store_patient_number_in, ids.patient_number),
+                                             (cfg.store_case_number_in, ids.case_number)) if k and v},
         ))
         return None
 

@@ -100,10 +100,11 @@ class CaseImport(BaseModel):
     event_at: datetime | None = None
     movement_id: str | None = None
     movement_action: str | None = None  # ZBE-4: INSERT/UPDATE/DELETE/CANCEL
-    diagnoses: list[DiagnosisData] = Field(default_factory=list)
+    diagnoses: list[DiagnosisData] = Field(default_factory=list)  # discharge diagnoses (billed)
+    other_diagnoses: list[DiagnosisData] = Field(default_factory=list)  # admission/working (MOPED admission)
     services: list[ServiceData] = Field(default_factory=list)
     person: PersonData = Field(default_factory=PersonData)
-    moped_url: str | None = None  # bridge target (None: no bridge)
+    moped_url: str | None = None  # bridge target (None: no bridge); the token is the bridge host's port
 
 
 class PatientImport(BaseModel):
@@ -123,6 +124,9 @@ class PatientImport(BaseModel):
     person: PersonData = Field(default_factory=PersonData)
     discharged_at: datetime | None = None
     purge_after_days: int | None = None
+    #: DURIA "Dokumentation Patient/Auftrag": the variable master-data fields (S1, S2) that
+    #: keep the external patient number / order number, as the interface is configured
+    documentation: dict[str, str] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- patient
@@ -162,6 +166,7 @@ class PatientView(BaseModel):
     discharged_at: datetime | None = None
     purged: bool = False
     messages: int = 0
+    documentation: dict[str, str] = Field(default_factory=dict)  # S1 / S2
 
 
 class TakeResult(BaseModel):
@@ -209,6 +214,7 @@ class CaseView(BaseModel):
     discharge_at: datetime | None = None
     movements: list[MovementData] = Field(default_factory=list)
     diagnoses: list[DiagnosisData] = Field(default_factory=list)
+    other_diagnoses: list[DiagnosisData] = Field(default_factory=list)
     services: list[ServiceData] = Field(default_factory=list)
     billed: int = 0
     events: list[str] = Field(default_factory=list)  # applied triggers in order
@@ -268,7 +274,9 @@ class GetBridge(BaseModel):
 class BridgeView(BaseModel):
     composition_id: str | None = None
     version: str | None = None
-    done: list[str] = Field(default_factory=list)  # ops sent, in order
+    done: list[str] = Field(default_factory=list)  # ops MOPED accepted, in order
+    refused: list[str] = Field(default_factory=list)  # "op: HTTP status: reason" MOPED refused (4xx)
+    waiting: str | None = None  # e.g. admission waits for a first diagnosis
     conflicts: int = 0
     last_seq: int = 0
 

@@ -2,10 +2,12 @@
 
 Loaded from ``$AUTOMAT_HL7_CONFIG`` or ``<run_dir>/hl7.yaml`` (YAML/JSON); without a file
 the local default is one MLLP interface on 127.0.0.1:12575 and one file-drop interface
-under ``<run_dir>/hl7/in`` (both mapping everything to billing unit ``PRAX1``).
+under ``<run_dir>/hl7/in`` (both mapping everything to billing unit ``PRAX1``), bridged
+to the local MOPED (``http://127.0.0.1:8000/moped``).
 
 ```yaml
 moped_url: http://127.0.0.1:18000/moped      # the MOPED bridge (omit: no bridge)
+moped_token_file: /run/secrets/moped-token   # bearer token at MOPED (or AUTOMAT_HL7_MOPED_TOKEN)
 interfaces:
   - config:                                  # protocols.hl7.Hl7InterfaceConfig
       name: kis1
@@ -32,6 +34,10 @@ from actors.hl7.messages import ExportTarget
 from protocols.hl7 import Hl7InterfaceConfig
 
 DEFAULT_TCP_PORT = 12575
+#: MOPED's bearer token for a hospital (KH) on the local stack (actors/moped dev tokens)
+LOCAL_MOPED_TOKEN = "dev-kh"
+#: where `automat run` serves MOPED (Ray Serve's proxy on 127.0.0.1:8000, route /moped)
+LOCAL_MOPED_URL = "http://127.0.0.1:8000/moped"
 
 
 class InterfaceSettings(BaseModel):
@@ -59,6 +65,9 @@ class InterfaceSettings(BaseModel):
 class Hl7Settings(BaseModel):
     interfaces: list[InterfaceSettings] = Field(default_factory=list)
     moped_url: str | None = None
+    #: file holding this hub's bearer token at MOPED (the token itself is never in this file,
+    #: in messages or in entity state; env ``AUTOMAT_HL7_MOPED_TOKEN`` overrides it)
+    moped_token_file: str | None = None
     hosts: int = Field(1, ge=1, le=64)  # shard hosts per HL7 entity kind
 
     @model_validator(mode="after")
@@ -74,6 +83,16 @@ class Hl7Settings(BaseModel):
                 return i
         raise KeyError(f"no HL7 interface {name!r} (have: {', '.join(i.name for i in self.interfaces) or 'none'})")
 
+    def moped_bearer_token(self, cfg) -> str | None:
+        """The MOPED bearer token, for the bridge host's ports only: ``AUTOMAT_HL7_MOPED_TOKEN``,
+        else ``moped_token_file``, else (local stack only) MOPED's development KH token."""
+        tok = os.environ.get("AUTOMAT_HL7_MOPED_TOKEN")
+        if tok:
+            return tok.strip()
+        if self.moped_token_file:
+            return Path(self.moped_token_file).read_text().strip()
+        return LOCAL_MOPED_TOKEN if getattr(cfg, "local_stack", False) else None
+
     def billing_units(self) -> list[str]:
         out: list[str] = []
         for i in self.interfaces:
@@ -87,6 +106,7 @@ def default_settings(cfg) -> Hl7Settings:
     run = Path(cfg.run_dir)
     mapping = {"rows": [{"billing_unit": "PRAX1"}]}
     return Hl7Settings.model_validate({
+        "moped_url": LOCAL_MOPED_URL,
         "interfaces": [
             {"config": {"name": "kis-tcp", "transport": "tcp", "tcp": {"port": DEFAULT_TCP_PORT},
                         "case_creation": "background", "mapping": mapping},

@@ -297,8 +297,12 @@ async def test_bad_input_gets_a_clear_nak_and_the_connection_survives(env, redis
                      ("NOEND", "missing_end"), ("BADENC", "bad_encoding_chars")):
         assert by_cid[cid][b"error"].decode() == err, cid
     blobs = BlobStore(env_cfg().blob.dir, KeyRing.from_file(env_cfg().crypto.keys_file))
-    rec = ops.show(blobs, by_cid["UNKBU"][b"ref"].decode())
+    ref = by_cid["UNKBU"][b"ref"].decode()
+    rec = ops.show(blobs, ref)
     assert "UNKBU" in rec["raw"] and rec["outcomes"][0]["ack"] == "AE"
+    assert "unknown billing unit" in rec["outcomes"][0]["reason"]
+    on_disk = (Path(env_cfg().blob.dir) / ref).read_bytes()  # kept encrypted (AES-GCM), not in plain form
+    assert b"UNKBU" not in on_disk and b"Mustermann" not in on_disk
 
 
 def env_cfg():
@@ -364,6 +368,32 @@ async def test_switch_patient_and_order_fields(lenv):
     lst = await local(lenv, {"id_fields": "PID-2/PV1-19"})
     (ack,) = await feed(lst, adt("A01", "IDF2", "P8", "C8"))
     assert ack[0] == "AE" and "PID-2" in ack[2]
+
+
+async def test_switch_documentation_fields_s1_s2(lenv):
+    """DURIA "Dokumentation Patient / Auftrag": the external numbers land in S1 / S2."""
+    msg = adt("A01", "DOC1", "P9", "C9")
+    for (pat_in, case_in), unit in ((("S1", "S2"), "a"), (("S2", None), "b"), ((None, None), "c")):
+        u = lenv.unit + unit
+        lst = await local(lenv, {"case_creation": "background", "store_patient_number_in": pat_in,
+                                 "store_case_number_in": case_in, "mapping": {"rows": [{"billing_unit": u}]}})
+        await feed(lst, msg)
+        want = {k: v for k, v in ((pat_in, "P9"), (case_in, "C9")) if k}
+        assert (await lenv.patient("P9", unit=u)).documentation == want, (pat_in, case_in)
+
+
+async def test_switch_allowed_client_address(lenv):
+    """DURIA "IP-Adresse Client": only the configured KIS may connect."""
+    lst = await local(lenv, {"case_creation": "background", "tcp": {"port": free_port(), "allowed_client": "127.0.0.2"}})
+    with pytest.raises(ConnectionError):  # closed without an answer (asyncio: EOF or reset)
+        async with Hl7Client("127.0.0.1", lst.port) as c:
+            await c.send(adt("A01", "IP1", "IP1", "IPC1"))
+            await c.recv(10)
+    assert not (await lenv.patient("IP1")).exists
+    lst = await local(lenv, {"case_creation": "background", "tcp": {"port": free_port(), "allowed_client": "127.0.0.1"}})
+    async with Hl7Client("127.0.0.1", lst.port) as c:
+        assert msa(await c.request(adt("A01", "IP2", "IP1", "IPC1")))[1:3] == ["AA", "IP2"]
+    assert (await lenv.patient("IP1")).exists
 
 
 async def test_switch_mapping_table_chooses_the_billing_unit(lenv):
@@ -448,13 +478,14 @@ async def test_switch_case_scope_on_a_billing_unit_change(lenv, scope):
     u = lenv.unit
     rows = [{"patient_class": "E", "billing_unit": f"{u}KASSE"}, {"patient_class": "O", "billing_unit": f"{u}BG"}]
     lst = await local(lenv, {"case_creation": "background", "case_scope": scope, "mapping": {"rows": rows}})
+    sc = f"SC{u}"  # per order the case key has no billing unit: a run-unique case number
     # emergency ward (Kasse) first, then the surgical outpatient clinic (BG)
-    acks = await feed(lst, adt("A04", "S1", "S1", "SC1", patient_class="E"),
-                      adt("A08", "S2", "S1", "SC1", patient_class="O"))
+    acks = await feed(lst, adt("A04", "S1", "S1", sc, patient_class="E"),
+                      adt("A08", "S2", "S1", sc, patient_class="O"))
     assert [a[0] for a in acks] == ["AA", "AA"]
     kasse, bg = f"{u}KASSE", f"{u}BG"
     if scope == "per_order":
-        c = await lenv.case("SC1")  # one case per order: it moved, the Kasse case is gone
+        c = await lenv.case(sc)  # one case per order: it moved, the Kasse case is gone
         assert c.billing_unit == bg and c.billing_units_removed == [kasse] and c.events == ["A04", "A08"]
 
         async def detached():
@@ -462,9 +493,9 @@ async def test_switch_case_scope_on_a_billing_unit_change(lenv, scope):
 
         assert await eventually(detached)
         assert (await lenv.patient("S1", unit=bg)).case_keys == [c.key]
-        assert not (await lenv.case(f"{kasse}/SC1")).exists
+        assert not (await lenv.case(f"{kasse}/{sc}")).exists
     else:
-        a, b = await lenv.case(f"{kasse}/SC1"), await lenv.case(f"{bg}/SC1")  # a case in each unit
+        a, b = await lenv.case(f"{kasse}/{sc}"), await lenv.case(f"{bg}/{sc}")  # a case in each unit
         assert a.exists and b.exists and a.billing_unit == kasse and b.billing_unit == bg
         assert a.events == ["A04"] and b.events == ["A08"]
         assert (await lenv.patient("S1", unit=kasse)).case_keys == [a.key]
@@ -509,20 +540,35 @@ async def test_switch_diagnosis_case_types(lenv):
 
 
 async def test_switch_purge_after_days(lenv):
-    from datetime import datetime
+    from datetime import datetime, timedelta, timezone
 
-    discharged = datetime(2026, 3, 1, 10, 15).timestamp()
-    msg = adt("A03", "PU1", "PU1", "PUC1", discharge_ts="20260301101500")
+    day = 86400
+    now = datetime.now(timezone.utc).replace(microsecond=0, tzinfo=None)
+
+    def discharge(days_ago: int) -> tuple[str, float]:
+        d = now - timedelta(days=days_ago)
+        return adt("A03", f"PU{days_ago}", "PU1", "PUC1", discharge_ts=d.strftime("%Y%m%d%H%M%S")), \
+            d.replace(tzinfo=timezone.utc).timestamp()
+
+    msg, discharged = discharge(1)  # discharged yesterday: the purge timer is due in 9 days
     lst = await local(lenv, {"case_creation": "no", "purge_after_days": 10})
     await feed(lst, msg)
     p = await lenv.patient("PU1")
     assert p.exists and p.discharged_at is not None
     assert await eventually(lambda: _has(pending_keys(lenv), p.key))
-    day = 86400
     assert (await lenv.router.ask(PATIENT, p.key, PurgeCheck(now=discharged + 9 * day))).exists
     assert (await lenv.router.ask(PATIENT, p.key, PurgeCheck(now=discharged + 11 * day))).purged
     assert not (await lenv.patient("PU1")).exists
     assert await eventually(lambda: _lacks(pending_keys(lenv), p.key))
+    # discharged 11 days ago, never taken over: the durable timer purges it by itself
+    u = lenv.unit + "T"
+    lst = await local(lenv, {"case_creation": "no", "purge_after_days": 10, "mapping": {"rows": [{"billing_unit": u}]}})
+    assert (await feed(lst, discharge(11)[0]))[0][0] == "AA"  # stored ...
+
+    async def purged():
+        return not (await lenv.patient("PU1", unit=u)).exists and not await pending_keys(lenv, u)
+
+    assert await eventually(purged, 30)  # ... and purged without anyone asking
     # no purge period: kept
     u = lenv.unit + "K"
     lst = await local(lenv, {"case_creation": "no", "mapping": {"rows": [{"billing_unit": u}]}})
@@ -577,3 +623,174 @@ async def test_adt_events_and_cancellations_apply_in_order(lenv):
     # the same message again (a resend after a lost ACK) is acknowledged, not applied twice
     await feed(lst, adt("A11", "E6", "E1", "EC1"))
     assert (await lenv.case(f"{n}/EC1")).events == ["A01", "A02", "A12", "A03", "A13", "A11"]
+
+
+# --------------------------------------------------------------------------- MOPED bridge, FT1 export
+
+
+async def bridge_view(env, dk: str):
+    return await env.router.ask(BRIDGE, case_key(env.pseud, dk), GetBridge())
+
+
+async def test_admitted_moved_discharged_patient_ends_as_a_billed_moped_case(lenv, cfg, serve_session):
+    import httpx
+
+    from actors.moped.app import composition_kind, serve_app
+    from protocols.moped import samples as S
+
+    kind = composition_kind(cfg)
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(cfg.redis.url)
+    await register_kinds(r, [kind])
+    await r.aclose()
+    await asyncio.to_thread(start_hosts, cfg, kind)
+    await asyncio.to_thread(serve_app, cfg)
+    base = serve_session + "/moped"
+    lst = await local(lenv, {"case_creation": "background"}, moped_url=base)
+    dk = f"{lenv.unit}/MC1"
+
+    async def bridged(n):
+        async def check():
+            v = await bridge_view(lenv, dk)
+            return v if len(v.done) + len(v.refused) >= n or (v.waiting and n == 0) else None
+        v = await eventually(check, 60)
+        assert v is not None, await bridge_view(lenv, dk)
+        return v
+
+    # admission (emergency department, admission diagnosis) -> $aufnehmen
+    acks = await feed(lst, adt("A01", "MO1", "MP1", "MC1", ward="NOTF", event_ts="20260301080000",
+                               dg1=[("R10.3", "A")]))
+    assert acks[0][0] == "AA"
+    v = await bridged(1)
+    assert v.done == ["aufnehmen"] and v.refused == []
+    # another MOPED client writes in between: our next call hits a stale version (409)
+    async with httpx.AsyncClient(base_url=base, timeout=60, headers={"Authorization": "Bearer dev-kh"}) as http:
+        cur = await http.get(f"/Composition/{v.composition_id}")
+        vid = cur.headers["etag"].strip('W/"')
+        other = await http.post(f"/Composition/{v.composition_id}/_history/{vid}/$update",
+                                json=S.params("update", (S.urn(), S.condition("R50.9"))))
+        assert other.status_code == 200, other.text
+        # moved to the surgical ward -> $update (after re-reading on 409)
+        await feed(lst, adt("A02", "MO2", "MP1", "MC1", ward="CHIR3", event_ts="20260301120000"))
+        v = await bridged(2)
+        assert v.done == ["aufnehmen", "update"] and v.conflicts >= 1
+        # discharged with the discharge (main) diagnosis -> $entlassen; billing waits for services
+        await feed(lst, adt("A03", "MO3", "MP1", "MC1", ward="CHIR3", event_ts="20260305100000",
+                            discharge_ts="20260305100000", dg1=[("K35.8", "F")]))
+        v = await bridged(3)
+        assert v.done == ["aufnehmen", "update", "entlassen"], v
+        # the KIS sends the services (FT1) -> $abrechnen with diagnoses + services
+        await feed(lst, adt("P03", "MO4", "MP1", "MC1", message_type="DFT", ward="CHIR3", event_ts="20260305110000",
+                            ft1=[("T1", "01100", "1"), ("T2", "02300", "2")]))
+        v = await bridged(4)
+        assert v.done == ["aufnehmen", "update", "entlassen", "abrechnen"] and v.refused == [], v
+        doc = (await http.get(f"/Composition/{v.composition_id}/$document")).json()
+    res = [e["resource"] for e in doc["entry"]]
+    comp = res[0]
+    assert comp["resourceType"] == "Composition"
+    claims = [x for x in res if x["resourceType"] == "Claim" and x["use"] == "claim"]
+    assert len(claims) == 1 and len(claims[0]["procedure"]) == 2
+    codes_ = {c["code"]["coding"][0]["code"] for c in res if c["resourceType"] == "Condition"}
+    assert {"R10.3", "K35.8", "R50.9"} <= codes_
+    transfers = [x for x in res if x["resourceType"] == "Encounter" and x.get("type")]
+    assert sorted(t["serviceProvider"]["identifier"]["value"] for t in transfers) == ["CHIR3", "NOTF"]
+    assert all("end" in t["actualPeriod"] for t in transfers)
+
+
+async def test_billed_services_go_back_to_the_kis_as_dft_p03_file_and_tcp(lenv, tmp_path):
+    lst = await local(lenv, {"case_creation": "background"})
+    await feed(lst, adt("A01", "X1", "XP1", "XC1"))
+    ck = case_key(lenv.pseud, f"{lenv.unit}/XC1")
+    services = [BilledService(service_date="2026-03-02", code="01100", coding_system="EBM", text="Notfall"),
+                BilledService(service_date="2026-03-02", code="40120", coding_system="EBM", quantity=2)]
+    # as a file
+    out = tmp_path / "export"
+    sent = await lenv.router.ask(CASE, ck, BillServices(services=services, at=time.time(),
+                                                        target=ExportTarget(transport="file", directory=str(out))))
+    f = await eventually(lambda: _glob(out, f"DFT_P03_{sent.control_id}.hl7"))
+    m = parse_message(f.read_bytes())
+    assert isinstance(m, Hl7Message) and (m.message_type, m.trigger_event) == ("DFT", "P03")
+    assert m.patient.identifiers[0].id == "XP1" and m.visit.visit_number.id == "XC1"
+    assert [t.code.code for t in m.transactions] == ["01100", "40120"]
+    # over TCP to the KIS, which answers AA
+    got: list[bytes] = []
+
+    async def kis(reader, writer):
+        from protocols.hl7 import FrameDecoder, build_ack
+
+        dec = FrameDecoder(Framing())
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            for fr in dec.feed(chunk):
+                got.append(fr.payload)
+                writer.write(Framing().encode(build_ack(parse_message(fr.payload)).to_bytes()))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(kis, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await lenv.router.ask(CASE, ck, BillServices(services=services[:1], at=time.time(),
+                                                     target=ExportTarget(transport="tcp", port=port)))
+        assert await eventually(lambda: _nonempty(got))
+        m = parse_message(got[0])
+        assert m.message_type == "DFT" and [t.code.code for t in m.transactions] == ["01100"]
+    finally:
+        server.close()
+    assert (await lenv.case(f"{lenv.unit}/XC1")).billed == 2
+
+
+async def _glob(d: Path, name: str):
+    p = d / name
+    return p if p.exists() else None
+
+
+async def _nonempty(xs):
+    return bool(xs)
+
+
+# --------------------------------------------------------------------------- operator CLI
+
+
+async def test_operator_cli_pending_take_search(lenv, tmp_path, monkeypatch):
+    """``automat hl7 pending | take ID | search NUMBER`` against the running entities."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    u = lenv.unit
+    iface = {"name": f"cli{u}", "transport": "tcp", "tcp": {"port": free_port()}, "case_creation": "yes",
+             "mapping": {"rows": [{"billing_unit": u}]}}
+    conf = tmp_path / "hl7.yaml"
+    conf.write_text(yaml.safe_dump({"interfaces": [{"config": iface}]}))
+    monkeypatch.setenv("AUTOMAT_HL7_CONFIG", str(conf))
+    lst = await local(lenv, {**iface, "name": f"l{u}", "tcp": {"port": free_port()}})
+    await feed(lst, adt("A01", "CLI1", "CLIP1", "CLIC1", family="Kowalski", given="Jan"))
+    p = await lenv.patient("CLIP1")
+    assert await eventually(lambda: _has(pending_keys(lenv), p.key))
+
+    def cli(*args: str):
+        r = CliRunner().invoke(app, list(args), catch_exceptions=False,
+                               env={"COLUMNS": "250", "AUTOMAT_HL7_CONFIG": str(conf)})
+        return r.exit_code, r.output
+
+    code_, out = await asyncio.to_thread(cli, "hl7", "pending")
+    assert code_ == 0 and "pending patients (1)" in out and "CLIP1" in out and "Kowalski, Jan" in out
+    assert p.key[:13] in out and "CLIC1" in out
+    code_, out = await asyncio.to_thread(cli, "hl7", "search", "CLIC1")
+    assert code_ == 0 and "no. CLIC1" in out and "status pending" in out
+    code_, out = await asyncio.to_thread(cli, "hl7", "take", "pnope")
+    assert code_ == 1 and "no pending patient" in out
+    code_, out = await asyncio.to_thread(cli, "hl7", "take", p.key[:13])
+    assert code_ == 0 and "cases created: 1" in out, out
+    assert await eventually(lambda: _lacks(pending_keys(lenv), p.key))
+    code_, out = await asyncio.to_thread(cli, "hl7", "pending")
+    assert code_ == 0 and "pending patients (0)" in out
+    code_, out = await asyncio.to_thread(cli, "hl7", "search", "CLIP1")
+    assert code_ == 0 and "no. CLIP1" in out and "taken=True" in out
+    code_, out = await asyncio.to_thread(cli, "hl7", "search", "NOSUCH99")
+    assert code_ == 1 and "nothing found" in out
