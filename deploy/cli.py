@@ -232,6 +232,7 @@ from deploy.bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 from actors.tss.cli import sim_app, tss_app  # noqa: E402
+from actors.hl7.cli import hl7_app; app.add_typer(hl7_app, name="hl7")  # noqa: E402,E702
 
 app.add_typer(tss_app, name="tss")
 app.add_typer(sim_app, name="sim")
