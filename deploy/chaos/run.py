@@ -338,13 +338,13 @@ class ChaosRun:
         }
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a busy machine
+        for attempt in range(5):  # Ray gives its raylet 30 s to register: too short on a busy machine
             try:
                 ray.init(address="local", namespace=self.cfg.runtime.namespace, num_cpus=4, include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": env})
                 return
             except Exception as e:
-                if attempt == 2 or "timed out during startup" not in str(e):
+                if attempt == 4 or "timed out during startup" not in str(e):
                     raise
                 self.say(f"[yellow]Ray did not come up ({e}); once more[/]")
                 ray.shutdown()

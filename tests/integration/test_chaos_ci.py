@@ -34,6 +34,7 @@ def test_small_chaos_run_loses_and_doubles_nothing(cfg):
     argv = [str(automat), "chaos", "--mails", os.environ.get("AUTOMAT_CHAOS_CI_MAILS", "300"),
             "--duration", "150", "--faults", str(len(ALL_KINDS)), "--seed", "20260505",
             "--run-dir", str(run_dir), "--port-base", "27000", "--settle", "600"]
+    (run_dir / "report.json").unlink(missing_ok=True)  # never read an earlier run's report
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMAT_") and k != "RAY_ADDRESS"}
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
     out = proc.stdout[-6000:] + proc.stderr[-3000:]
