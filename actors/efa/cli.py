@@ -213,6 +213,43 @@ async def _bench(cfg, records: int, ops: int, concurrency: int, port: int, doc_b
     await asyncio.sleep(0.5)
     rss1 = sum(_rss(p) for p in pids)
 
+    # entity level (router -> record hosts; no HTTP, no blob I/O): the record's own capacity
+    from protocols.efa.messages import ProvideData, RetrieveDocs
+    from protocols.efa.model import DocumentIn
+
+    ent_ids: list[str] = []
+
+    async def run_direct(fn, n: int, conc: int) -> tuple[float, list[float]]:
+        lat: list[float] = []
+        it = iter(range(n))
+
+        async def worker():
+            for i in it:
+                t = time.perf_counter()
+                await fn(i)
+                lat.append((time.perf_counter() - t) * 1000)
+
+        t = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(conc)])
+        return time.perf_counter() - t, lat
+
+    async def e_provide(i: int):
+        pid = parts[(i * 7919) % len(parts)]
+        d = DocumentIn(local_id="d", title="bench", size=doc_bytes, sha256="0" * 64,
+                       blob_ref=f"efa/00/{uuid.uuid4().hex[:30]}")
+        rep = await router.ask("efa.record", pid.rsplit(".", 1)[0], ProvideData(caller=caller, partition_id=pid,
+                                                                               documents=[d]))
+        ent_ids.append(rep.data["document_ids"]["d"])
+
+    async def e_retrieve(i: int):
+        did = ent_ids[(i * 104729) % len(ent_ids)]
+        rep = await router.ask("efa.record", did.rsplit(".", 1)[0], RetrieveDocs(caller=caller, document_ids=[did]))
+        assert rep.ok
+
+    e_ops = max(ops, 5000)
+    ep_s, ep_lat = await run_direct(e_provide, e_ops, 256)
+    er_s, er_lat = await run_direct(e_retrieve, e_ops, 256)
+
     await asyncio.to_thread(serve.start, http_options={"host": "127.0.0.1", "port": port})
     await asyncio.to_thread(serve.run, build_app(cfg, access_log=False), name="efa", route_prefix="/efa")
     base = f"http://127.0.0.1:{port}/efa"
@@ -294,6 +331,10 @@ async def _bench(cfg, records: int, ops: int, concurrency: int, port: int, doc_b
         "retrieveData_p50_ms": round(_pct(retr_lat, 50), 2),
         "retrieveData_p99_ms": round(_pct(retr_lat, 99), 2),
         "http_concurrency": concurrency,
+        "entity_provideData_per_s (router, 256 in flight)": round(e_ops / ep_s),
+        "entity_provideData_p99_ms": round(_pct(ep_lat, 99), 2),
+        "entity_retrieveData_per_s (router, 256 in flight)": round(e_ops / er_s),
+        "entity_retrieveData_p99_ms": round(_pct(er_lat, 99), 2),
         "document_bytes": doc_bytes,
         "record_host_rss_before_mb": round(rss0 / 2**20, 1),
         "record_host_rss_after_mb": round(rss1 / 2**20, 1),

@@ -39,9 +39,13 @@ async def load_case(cfg, case_id: str):
 
 
 def history_rows(state) -> list[dict]:
+    from actors.moped.config import MopedConfig
+    from protocols.moped.case import build_composition
+
+    custodian = MopedConfig().custodian
     rows = []
     for v in state.versions:
-        p, c = v.provenance, v.composition
+        p, c = v.provenance, build_composition(state, v.vid, custodian)
         agent = (p.get("agent") or [{}])[0]
         rows.append({
             "vid": v.vid,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from actors.runtime.entity import Entity, handles
 from protocols.events import Event
-from protocols.moped.case import apply_operation
+from protocols.moped.case import apply_operation, build_composition
 from protocols.moped.messages import (
     CaseState,
     OpResult,
@@ -54,16 +54,18 @@ class CompositionEntity(Entity[CaseState]):
         if not st.versions:
             return ReadResult(found=False)
         if msg.vid is None:
-            return ReadResult(found=True, current_vid=st.vid, items=[st.versions[-1].composition])
-        rec = next((v for v in st.versions if v.vid == msg.vid), None)
-        return ReadResult(found=rec is not None, current_vid=st.vid, items=[rec.composition] if rec else [])
+            return ReadResult(found=True, current_vid=st.vid, items=[build_composition(st, st.vid, self._custodian())])
+        if not 1 <= msg.vid <= st.vid:
+            return ReadResult(found=True, current_vid=st.vid, items=[])
+        return ReadResult(found=True, current_vid=st.vid, items=[build_composition(st, msg.vid, self._custodian())])
 
     @handles(readonly=True)
     def on_history(self, msg: ReadHistory) -> ReadResult:
         st = self.state
         return ReadResult(found=bool(st.versions), current_vid=st.vid,
                           items=[{"vid": v.vid, "activity": v.activity, "recorded": v.recorded,
-                                  "composition": v.composition, "provenance": v.provenance}
+                                  "composition": build_composition(st, v.vid, self._custodian()),
+                                  "provenance": v.provenance}
                                  for v in reversed(st.versions)])
 
     @handles(readonly=True)
@@ -78,4 +80,4 @@ class CompositionEntity(Entity[CaseState]):
         if not st.versions:
             return ReadResult(found=False)
         return ReadResult(found=True, current_vid=st.vid,
-                          items=[st.versions[-1].composition] + list(st.resources.values()))
+                          items=[build_composition(st, st.vid, self._custodian())] + list(st.resources.values()))

@@ -38,15 +38,22 @@ def _section(code: str, title: str, refs: list[str], system: str = codes.SECTION
             "entry": [{"reference": r} for r in refs]}
 
 
-def build_composition(state: CaseState, vid: int, at: str, custodian: str) -> dict[str, Any]:
+def build_composition(state: CaseState, vid: int, custodian: str) -> dict[str, Any]:
+    """The Composition as of version ``vid`` (sections list what the case held then;
+    the referenced resources are served in their current form)."""
+    rec = state.versions[vid - 1]
+    assert rec.vid == vid
+    members: list[str] = []
+    for v in state.versions[:vid]:
+        members.extend(v.added)
     res = state.resources
 
     def refs(rtype: str, pred=lambda r: True) -> list[str]:
-        return [k for k, v in res.items() if k.startswith(rtype + "/") and pred(v)]
+        return [k for k in members if k.startswith(rtype + "/") and pred(res.get(k, {}))]
 
     sections = [
         _section("KH", "Zuständiges KH", [state.hospital] if state.hospital else []),
-        _section("SV", "Zuständige SV", [state.insurer] if state.insurer else []),
+        _section("SV", "Zuständige SV", [rec.insurer] if rec.insurer else []),
         _section("DIAG", "Conditions", refs("Condition")),
         _section("PROC", "Procedures", refs("Procedure")),
         _section(codes.TRANSFER_ENCOUNTER, "TransferEncounter", refs("Encounter", is_transfer),
@@ -57,23 +64,22 @@ def build_composition(state: CaseState, vid: int, at: str, custodian: str) -> di
         _section("OBS", "Observations", refs("Observation")),
         _section("QResp", "QuestionnaireResponses", refs("QuestionnaireResponse")),
     ]
-    comp: dict[str, Any] = {
+    return {
         "resourceType": "Composition",
         "id": state.case_id,
-        "meta": {"versionId": str(vid), "lastUpdated": at},
-        "status": "final" if state.sealed else "preliminary",
+        "meta": {"versionId": str(vid), "lastUpdated": rec.recorded},
+        "status": "final" if rec.sealed else "preliminary",
         "type": {"coding": [{"system": codes.LOINC, "code": "102089-0",
                              "display": "FHIR resource patient medical record"}]},
         "subject": [{"reference": state.patient}],
         "encounter": {"reference": state.encounter},
-        "date": at,
-        "useContext": [_workflow_concept(state.workflow)],
+        "date": rec.recorded,
+        "useContext": [_workflow_concept(rec.workflow)],
         "author": [{"reference": state.hospital}],
         "custodian": {"reference": custodian},
         "title": "MOPED Fall",
         "section": [s for s in sections if s],
     }
-    return comp
 
 
 def build_provenance(case_id: str, vid: int, op: str, at: str, device: str, org: str) -> dict[str, Any]:
@@ -96,7 +102,9 @@ def build_provenance(case_id: str, vid: int, op: str, at: str, device: str, org:
 
 
 def apply_operation(state: CaseState, msg: Operate, case_id: str, custodian: str) -> tuple[CaseState | None, OpResult]:
-    """→ (new state, result) when accepted; (None, result) when refused."""
+    """→ (new state, result) when accepted; (None, result) when refused.
+
+    ``custodian`` is unused here (kept for the signature); the Composition is built on read."""
     op = msg.op
     if op not in codes.ALL_OPS:
         return None, OpResult(code="invalid", vid=state.vid or None,
@@ -215,7 +223,8 @@ def apply_operation(state: CaseState, msg: Operate, case_id: str, custodian: str
             ms.discard("billed")
     new.milestones = sorted(ms)
 
-    comp = build_composition(new, vid, msg.at, custodian)
     prov = build_provenance(case_id, vid, op, msg.at, msg.caller.device, msg.caller.organization)
-    new.versions.append(VersionRecord(vid=vid, activity=op, recorded=msg.at, composition=comp, provenance=prov))
+    added = [r for _, r, _ in placed if r not in state.resources]
+    new.versions.append(VersionRecord(vid=vid, activity=op, recorded=msg.at, workflow=new.workflow,
+                                      sealed=new.sealed, insurer=new.insurer, added=added, provenance=prov))
     return new, OpResult(code="ok", vid=vid, workflow=new.workflow, issues=notes)

@@ -86,10 +86,16 @@ class ReadResult(BaseModel):
 
 
 class VersionRecord(BaseModel):
+    """One Composition version: what changed (the Composition itself is rebuilt from the
+    records up to it, so a version costs O(its change), not O(case size))."""
+
     vid: int
     activity: str
     recorded: str
-    composition: dict[str, Any]
+    workflow: str
+    sealed: bool = False
+    insurer: str = ""
+    added: list[str] = Field(default_factory=list)  # resources that entered the case in this version
     provenance: dict[str, Any]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from protocols.moped import codes
 from protocols.moped import samples as S
-from protocols.moped.case import apply_operation
+from protocols.moped.case import apply_operation, build_composition
 from protocols.moped.fhirio import MopedError, http_status, parse_operation_body, validate_resource
 from protocols.moped.messages import CaseState, Caller, Operate
 
@@ -58,12 +58,13 @@ def discharged(state: CaseState) -> CaseState:
 def test_admission_makes_version_1_with_provenance(admitted):
     assert admitted.vid == 1 and admitted.workflow == codes.WF_ADMITTED
     rec = admitted.versions[0]
-    assert validate_resource(rec.composition, "Composition") == []
+    comp = build_composition(admitted, 1, "Organization/moped-server")
+    assert validate_resource(comp, "Composition") == []
     assert validate_resource(rec.provenance, "Provenance") == []
     assert rec.provenance["target"] == [{"reference": f"Composition/{CASE}/_history/1"}]
     assert rec.provenance["agent"][0]["who"] == {"reference": "Device/XDokV5"}
-    assert rec.composition["subject"] == [{"reference": admitted.patient}]
-    assert rec.composition["author"] == [{"reference": "Organization/KHK999"}]
+    assert comp["subject"] == [{"reference": admitted.patient}]
+    assert comp["author"] == [{"reference": "Organization/KHK999"}]
     # client urn:uuid references became server ids; the transfer is part of the stay
     (_, tr), = [(k, e) for k, e in of(admitted, "Encounter") if "type" in e]
     assert tr["partOf"] == {"reference": admitted.encounter}
@@ -169,7 +170,13 @@ def test_full_flow_decide_and_seal(admitted):
     rules = refused(st2, "entscheiden", S.params("entscheiden", (None, S.claim_response(cref))), LGF)
     assert set(rules) == {"MopedEntscheidenComposition.billed"}
     st = ok(st, "entscheiden", S.params("entscheiden", (None, S.claim_response(cref))), LGF)
-    assert st.sealed and st.versions[-1].composition["status"] == "final"
+    assert st.sealed and build_composition(st, st.vid, "x")["status"] == "final"
+    assert build_composition(st, st.vid - 1, "x")["status"] == "preliminary"
+    # each version's sections list what the case held then
+    sections = {s["code"]["coding"][0]["code"]: len(s["entry"]) for s in build_composition(st, 1, "x")["section"]}
+    assert sections == {"KH": 1, "DIAG": 1, "TENC": 1}
+    later = {s["code"]["coding"][0]["code"]: len(s["entry"]) for s in build_composition(st, st.vid, "x")["section"]}
+    assert later["DIAG"] == 2 and later["PROC"] == 1 and later["LKFReq"] == 1 and later["LKFResp"] == 1
     rules = refused(st, "update", S.params("update", (None, S.procedure())))
     assert set(rules) == {"MopedSiegelComposition.final"}
     st = ok(st, "melden", S.params("melden", (None, S.claim_response(cref))), LGF)
