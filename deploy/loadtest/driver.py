@@ -481,6 +481,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
             prof_task = asyncio.get_running_loop().create_task(later())
         await _follow(opt, console, mon, sampler, fed, feeder, feed_task, t0, redis)
         t_end = time.time()
+        await asyncio.to_thread(sampler.sample)
+        cpu_by_process = sampler.cpu_by_name()
         if feed_task is not None:
             if not feed_task.done():
                 feed_task.cancel()
@@ -591,6 +593,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                       "pipeline_cpu_s_per_mail": round(pipe_sampler.cpu_between(t0, last) / n_term, 5) if n_term else None,
                       "redis_ops_per_mail": round(ops / max(1, n_term), 1),
                       "processes_peak": sampler.peak_procs,
+                      "cpu_s_by_process": cpu_by_process,
                       "scope": "the driver, its Ray cluster and the local stack's services (Redis, Dovecot, Tansu, "
                                "SMTP sink); a stack shared with other work counts their load too"},
         "ledger": {"delivered": len(delivered), "received": led.received, "done": led.done,

@@ -9,6 +9,15 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.find(b"(") + 1:data.rfind(b")")].decode(errors="replace")
+    except OSError:
+        return "?"
+
+
 def _stat(pid: int) -> tuple[int, float, int] | None:
     """(ppid, cpu seconds user+sys, rss bytes) or None if gone."""
     try:
@@ -55,6 +64,15 @@ class ProcSampler:
         self.peak_rss = 0
         self.peak_procs = 0
         self.also: "ProcSampler | None" = None  # a second sampler taken at the same moments
+        self.names: dict[int, str] = {}
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU seconds since the first sample, by process name (``ray::ShardHost``, ...)."""
+        out: dict[str, float] = {}
+        for pid, v in self.cpu_last.items():
+            n = self.names.get(pid, "?")
+            out[n] = out.get(n, 0.0) + v - self.cpu_base.get(pid, 0.0)
+        return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
     def sample(self) -> tuple[float, int]:
         if self.also is not None:
@@ -67,6 +85,8 @@ class ProcSampler:
             if st is None:
                 continue
             self.cpu_last[pid] = st[1]
+            if pid not in self.names:
+                self.names[pid] = _name(pid)
             self.cpu_base.setdefault(pid, st[1] if not self.samples else 0.0)
             rss += st[2]
         cpu = sum(v - self.cpu_base.get(p, 0.0) for p, v in self.cpu_last.items())

@@ -63,6 +63,9 @@ def markdown(r: dict) -> str:
         f"{' / '.join(_fmt(x) for x in res.get('pipeline_rss_mib_at', []))} MiB |",
         f"| Redis commands per mail | {_fmt(res['redis_ops_per_mail'])} |",
         "",
+        "CPU seconds by process during the pipeline run: " + ", ".join(
+            f"{k} {v}" for k, v in list(res.get("cpu_s_by_process", {}).items())[:12]) + ".",
+        "",
         "## Ledger",
         "",
         f"delivered {led['delivered']} = done {led['done']} (of which work basket {led['workbasket']}) + rejected "
