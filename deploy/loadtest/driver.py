@@ -460,7 +460,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         spec = SupervisorSpec(name="loadtest", strategy="one_for_one", max_restarts=20, max_seconds=60,
                               children=[infra_spec(lcfg), supervisor_spec(lcfg)])
         t_start = time.time()
-        await asyncio.to_thread(start_root, spec, namespace=lcfg.runtime.namespace, name=ROOT_NAME)
+        await asyncio.to_thread(start_root, spec, namespace=lcfg.runtime.namespace, name=ROOT_NAME,
+                                timeout_s=600)  # a busy machine starts actors slowly
         console.print(f"pipeline up after {time.time() - t_start:.1f} s (Ray, {lcfg.kim.slip_hosts} slip hosts, "
                       f"{lcfg.kim.worker_hosts} worker hosts, {lcfg.kim.fetchers} mailbox actors, outbox relay)")
         mon.start()
