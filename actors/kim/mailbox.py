@@ -108,6 +108,7 @@ class MailboxFetcher(Supervised):
         mx = getattr(cfg.kim, "max_in_flight", 0) or 0
         self._limit = max(cfg.kim.fetch_batch, -(-mx // max(1, cfg.kim.fetchers))) if mx else 0
         self._admit_lock: asyncio.Lock | None = None
+        self._reserved = 0
         self.waited_s = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -207,12 +208,14 @@ class MailboxFetcher(Supervised):
             self._admit_lock = asyncio.Lock()
         t0 = time.monotonic()
         async with self._admit_lock:
-            while len(self._inflight) + n > self._limit and not self._stopping:
+            # reserved: chunks admitted and still being received by the other mailboxes' loops
+            while len(self._inflight) + self._reserved + n > self._limit and not self._stopping:
                 await self._prune()
-                if len(self._inflight) + n <= self._limit:
+                if len(self._inflight) + self._reserved + n <= self._limit:
                     break
                 self.state[user] = f"waiting: {len(self._inflight)} mails in flight"
                 await asyncio.sleep(0.3)
+            self._reserved += n
         self.waited_s += time.monotonic() - t0
 
     async def _prune(self, window: int = 500) -> None:
@@ -258,7 +261,10 @@ class MailboxFetcher(Supervised):
                 for i in range(0, len(uids), self.cfg.kim.fetch_batch):
                     chunk = uids[i:i + self.cfg.kim.fetch_batch]
                     await self._admit(len(chunk), user)
-                    await self._handle_chunk(box, client, uidvalidity, chunk)
+                    try:
+                        await self._handle_chunk(box, client, uidvalidity, chunk)
+                    finally:
+                        self._reserved -= len(chunk) if self._limit else 0
                 continue
             self.state[user] = "idle"
             if idle_ok:
