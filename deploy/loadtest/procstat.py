@@ -85,8 +85,7 @@ class ProcSampler:
             if st is None:
                 continue
             self.cpu_last[pid] = st[1]
-            if pid not in self.names:
-                self.names[pid] = _name(pid)
+            self.names[pid] = _name(pid)  # again each time: Ray renames its workers after start
             self.cpu_base.setdefault(pid, st[1] if not self.samples else 0.0)
             rss += st[2]
         cpu = sum(v - self.cpu_base.get(p, 0.0) for p, v in self.cpu_last.items())
