@@ -270,6 +270,8 @@ class RoutingSlip(Entity[SlipState]):
         else:
             code = d.facts.get("error_code") or (err.code if err else None)
             reason = d.reason[:300]
+            if code is None and s.facts.get("error_code"):  # the error that routed here, not a later retry's
+                code, reason = s.facts["error_code"], str(s.facts.get("error_reason") or reason)[:300]
             if d.terminal == "@workbasket":
                 self._finish("done", "workbasket", code=code, reason=reason)
             elif d.status == "done":
