@@ -55,6 +55,10 @@ from deploy.chaos.stack import DEFAULT_PORT_BASE, ChaosStack, chaos_config, work
 ROOT = "chaos.root"
 MARKER = ".automat-chaos"
 TERMINAL = ("done", "rejected", "parked")
+#: error codes of the infrastructure (retried): never the reason a mail is rejected
+TRANSIENT_CODES = frozenset({"redis_unavailable", "io_error", "core_unavailable", "core_timeout", "step_timeout",
+                             "internal_error", "transient", "blob_missing", "blob_integrity", "smtp_unavailable",
+                             "step_crashed"})
 TERMINAL_EVENTS = {"done": "mail.done", "rejected": "mail.rejected", "parked": "mail.parked"}
 
 
@@ -447,7 +451,7 @@ class ChaosRun:
         o = self.opts
         n = o.faults if o.faults is not None else max(len(o.kinds), int(o.duration_s / 12))
         kinds = plan(n, tuple(o.kinds), self.rng)
-        gap = o.duration_s / (n + 1)
+        gap = o.duration_s / max(n, 1)
         probe = Probe(namespace=self.cfg.runtime.namespace, root_name=ROOT,
                       progress=lambda c: tracker.progress(c, o.recovery_limit_s), idle=tracker.idle)
         inj = Injector(self.stack, probe, self.core_file, hang_s=o.hang_s, episode_s=o.episode_s,
@@ -459,8 +463,12 @@ class ChaosRun:
             self.faults_done = True
 
     async def _inject_all(self, inj, kinds, gap, tracker, stop) -> None:
-        await asyncio.sleep(min(10.0, gap))
+        """Fault i at a random moment of slot i (slots of ``gap`` s over the load phase);
+        never two at once - a fault that recovers late pushes the next one back."""
+        t_start = time.monotonic()
         for i, kind in enumerate(kinds):
+            due = t_start + (i + self.rng.uniform(0.1, 0.9)) * gap
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             if stop.is_set():
                 break
             if tracker.idle():
@@ -471,7 +479,6 @@ class ChaosRun:
             took = "[red]NOT RECOVERED[/]" if rec.recovery_s is None else f"serving after {rec.recovery_s:.2f} s"
             self.say(f"fault {i + 1}/{len(kinds)} {rec.kind} {rec.target}: {took} {rec.detail} "
                      f"[dim](received {tracker.received}, terminal {tracker.terminal}/{len(tracker.delivered)})[/]")
-            await asyncio.sleep(self.rng.uniform(0.5, 1.5) * gap * 0.5)
 
     # -- main ----------------------------------------------------------------------------
     async def _main(self) -> ChaosReport:
@@ -603,6 +610,14 @@ class ChaosRun:
         rep.checks["parked_valid"] = sum(1 for m in self.meta if m.fault == "none"
                                          and (slips.get(m.mail_id) or {}).get("status") == "parked")
         rep.checks["terminal_by_error"] = led.by_error
+        # a rejection / clerk hand-over must name the mail's own fault, never a transient
+        # error of the infrastructure that was retried away
+        wrong_reason = [mid for mid, s in slips.items() if s and s["status"] == "rejected"
+                        and (s.get("error_code") or "") in TRANSIENT_CODES]
+        rep.checks["wrong_reason"] = len(wrong_reason)
+        if wrong_reason:
+            rep.problems.append(f"{len(wrong_reason)} rejected mails report a transient error as their reason "
+                                f"(e.g. {wrong_reason[0]})")
         # the core system: each mail at most once; each duplicate group once; valid eAUs deposited
         core_path = Path(self.cfg.run_dir) / "core" / "core.sqlite3"
         keys: Counter = Counter()
