@@ -15,8 +15,10 @@ fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is syn
 
 Admission control (backpressure): a mailbox actor keeps at most
 ``kim.max_in_flight / kim.fetchers`` of its mails in flight (slip created, not terminal);
-beyond that it leaves new mails in their INBOX until older ones are terminal (checked in
-Redis with one small script: only the status of each slip crosses the wire). So a flood
+beyond that - or while its oldest mail in flight (not waiting for a retry) has been under
+way for half ``kim.step_timeout_s``, a sign that step orders queue up - it leaves new
+mails in their INBOX until older ones are terminal (checked in Redis with one small
+script: only the status of each slip crosses the wire). So a flood
 of mails never becomes a queue of step orders longer than the watchdog allows.
 
 A crash between any two steps neither loses nor doubles a mail: before the slip exists
@@ -109,6 +111,9 @@ class MailboxFetcher(Supervised):
         self._limit = max(cfg.kim.fetch_batch, -(-mx // max(1, cfg.kim.fetchers))) if mx else 0
         self._admit_lock: asyncio.Lock | None = None
         self._reserved = 0
+        self._since: dict[str, float] = {}  # mail id -> when its slip was created (monotonic)
+        self._retrying: set[str] = set()
+        self._max_age = max(5.0, cfg.kim.step_timeout_s * 0.5)
         self.waited_s = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -209,14 +214,25 @@ class MailboxFetcher(Supervised):
         t0 = time.monotonic()
         async with self._admit_lock:
             # reserved: chunks admitted and still being received by the other mailboxes' loops
-            while len(self._inflight) + self._reserved + n > self._limit and not self._stopping:
+            while (len(self._inflight) + self._reserved + n > self._limit or self._congested()) \
+                    and not self._stopping:
                 await self._prune()
-                if len(self._inflight) + self._reserved + n <= self._limit:
+                if len(self._inflight) + self._reserved + n <= self._limit and not self._congested():
                     break
                 self.state[user] = f"waiting: {len(self._inflight)} mails in flight"
                 await asyncio.sleep(0.3)
             self._reserved += n
         self.waited_s += time.monotonic() - t0
+
+    def _congested(self) -> bool:
+        """The oldest mail in flight (not waiting for a retry) has been under way for half
+        a step timeout: orders queue up - take no new mails until it moved on."""
+        now = time.monotonic()
+        for m in self._inflight:
+            if m in self._retrying:
+                continue
+            return now - self._since.get(m, now) > self._max_age
+        return False
 
     async def _prune(self, window: int = 500) -> None:
         """Forget in-flight mails whose slips are terminal (the oldest ``window`` checked)."""
@@ -227,8 +243,11 @@ class MailboxFetcher(Supervised):
             return
         st = await self._status(keys=[state_key("kim.slip", m) for m in ids])
         gone = {m for m, v in zip(ids, st) if (v or b"") in _TERMINAL}
+        self._retrying = {m for m, v in zip(ids, st) if v == b"waiting_retry"}
         if gone:
             self._inflight = collections.deque(m for m in self._inflight if m not in gone)
+            for m in gone:
+                self._since.pop(m, None)
 
     async def _cursor(self, user: str) -> tuple[int, int]:
         raw = await self.redis.hget(CURSOR_KEY, user)
@@ -321,6 +340,7 @@ class MailboxFetcher(Supervised):
                 await self._run(self.blobs.delete, ref)
             owned.append(uid)
             self._inflight.append(mail_id)
+            self._since.setdefault(mail_id, time.monotonic())
 
         results = await asyncio.gather(*(one(u) for u in uids), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
