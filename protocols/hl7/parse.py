@@ -254,7 +254,7 @@ def charset_codec(msh18: str) -> str | None:
         return _CHARSETS[key]
     try:
         info = codecs.lookup(msh18.strip())
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         return None
     # only ASCII-compatible codecs: the separators must stay single ASCII bytes
     if info.name.startswith(("utf-16", "utf-32")) or info.name in ("utf-7",):

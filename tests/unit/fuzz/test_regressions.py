@@ -73,3 +73,16 @@ def test_moped_encounter_type_of_odd_shape_is_a_400():
     with pytest.raises(MopedError) as ei:
         parse_operation_body(json.dumps(body).encode(), "aufnehmen")
     assert ei.value.status == 400
+
+
+def test_hl7_nul_in_msh18_charset_is_answered_not_raised():
+    """Found by test_fuzz_hl7.test_mutated_fixtures_through_the_listener_path (deep
+    profile): a NUL byte in MSH-18 made ``codecs.lookup`` raise ValueError out of
+    ``parse_message`` - the listener could not even answer the frame."""
+    from protocols.hl7 import Hl7Error, Hl7Message, ack_for, parse_message
+
+    raw = (b"MSH|^~\\&|KIS|H|AUTOMAT|K|20240101000000||ADT^A01|C1|P|2.5|||||\x00S\r"
+           b"PID|1||79471||Nachname^Vorname\rPV1|1|I\r")
+    result = parse_message(raw)
+    assert isinstance(result, (Hl7Message, Hl7Error))
+    assert ack_for(raw, result) is not None
