@@ -81,7 +81,7 @@ def test_hl7_nul_in_msh18_charset_is_answered_not_raised():
     ``parse_message`` - the listener could not even answer the frame."""
     from protocols.hl7 import Hl7Error, Hl7Message, ack_for, parse_message
 
-    raw = (b"MSH|^~\\&|KIS|H|AUTOMAT|K|20240101000000||ADT^A01|C1|P|2.5|||||\x00S\r"
+    raw = (b"MSH|^~\\&|KIS|H|AUTOMAT|K|20240101000000||ADT^A01|C1|P|2.5||||||\x00S\r"  # MSH-18 = NUL + "S"
            b"PID|1||79471||Nachname^Vorname\rPV1|1|I\r")
     result = parse_message(raw)
     assert isinstance(result, (Hl7Message, Hl7Error))
