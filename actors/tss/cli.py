@@ -4,6 +4,7 @@
 automat tss status [--practice ID]        cursor, last sync, next allowed poll, lag per practice
 automat tss clock [--advance S|--reset]   the controllable clock (<run_dir>/tss/clock.json)
 automat sim tss [--practices N] [--port P] [--change-every S]   run the Terminservice simulator
+automat bench tss [--practices 1000]      N practices synced against the simulator, stores compared
 ```
 """
 
@@ -34,7 +35,7 @@ def _ago(ts: float | None, now: float) -> str:
     return f"in {d:.0f}s" if d >= 0 else f"{-d:.0f}s ago"
 
 
-def read_states(cfg, practice: str | None = None) -> dict:
+def read_states(cfg, practice: str | None = None, kind: str | None = None) -> dict:
     """The stored practice states (decrypted with the key ring), by practice id."""
     import redis
 
@@ -42,30 +43,33 @@ def read_states(cfg, practice: str | None = None) -> dict:
     from actors.runtime.store import state_key
     from actors.tss.entity import KIND, PracticeState
 
+    kind = kind or KIND
     r = redis.Redis.from_url(cfg.redis.url)
     ring = KeyRing.from_file(cfg.crypto.keys_file)
-    prefix = state_key(KIND, "")
-    keys = [state_key(KIND, practice).encode()] if practice else sorted(r.scan_iter(match=prefix + "*", count=1000))
+    prefix = state_key(kind, "")
+    keys = [state_key(kind, practice).encode()] if practice else sorted(r.scan_iter(match=prefix + "*", count=1000))
     out = {}
     for k in keys:
         raw = r.hget(k, "s")
         if raw is None:
             continue
         pid = k.decode()[len(prefix):]
-        out[pid] = PracticeState.model_validate_json(ring.decrypt(raw, f"{KIND}:{pid}".encode()))
+        out[pid] = PracticeState.model_validate_json(ring.decrypt(raw, f"{kind}:{pid}".encode()))
     r.close()
     return out
 
 
 @tss_app.command("status")
 def status(ctx: typer.Context, practice: Optional[str] = typer.Option(None, help="one practice id"),
-           limit: int = typer.Option(50, help="rows to show")) -> None:
+           limit: int = typer.Option(50, help="rows to show"),
+           kind: Optional[str] = typer.Option(None, hidden=True, help="another practice kind (tests, bench)"),
+           clock_name: Optional[str] = typer.Option(None, "--clock", hidden=True, help="a named clock (tests)")) -> None:
     """Each practice: phase, cursor, last sync, next allowed poll, lag, errors."""
     from actors.tss.ports import clock_file, file_clock
 
     cfg = _cfg(ctx)
-    states = read_states(cfg, practice)
-    now = file_clock(clock_file(cfg))()
+    states = read_states(cfg, practice, kind)
+    now = file_clock(clock_file(cfg, clock_name))()
     t = Table(title=f"116117 sync: {len(states)} practices")
     for c in ("practice", "phase", "cursor (recorded / id)", "last sync", "next poll allowed", "lag", "applied",
               "resources", "error"):
@@ -73,9 +77,13 @@ def status(ctx: typer.Context, practice: Optional[str] = typer.Option(None, help
     for pid, s in list(states.items())[:limit]:
         allowed = (s.last_poll_at + s.poll_interval_s) if s.last_poll_at else None
         t.add_row(pid, s.phase, f"{s.cursor.recorded or '-'} / {s.cursor.id or '-'}", _ago(s.last_sync_at, now),
-                  _ago(allowed, now) if allowed else "now", f"{now - s.last_sync_at:.0f}s" if s.last_sync_at else "-",
+                  _ago(allowed, now) if allowed and allowed > now else "now",
+                  f"{now - s.last_sync_at:.0f}s" if s.last_sync_at else "-",
                   str(s.applied), str(len(s.store.resources)), s.error_code or "")
     console.print(t)
+    for pid, s in list(states.items())[:limit] if practice else []:
+        if s.last_error:
+            console.print(f"{pid}: last error ({s.errors} so far): {s.last_error}")
     if states:
         lags = [now - s.last_sync_at for s in states.values() if s.last_sync_at]
         errs = sum(1 for s in states.values() if s.error_code)
@@ -112,3 +120,12 @@ def sim_tss(ctx: typer.Context, practices: int = typer.Option(10, help="practice
     console.print(f"116117 Terminservice simulator on {srv.base_url} ({practices} practices; credentials of "
                   f"practice prx-0000: client_id tvs-prx-0000, secret secret-prx-0000); Ctrl-C stops it")
     srv.run()
+
+
+try:  # `automat bench tss` (the 1,000-practice run), when deploy.bench's app is mounted
+    from actors.tss.bench import bench_tss
+    from deploy.bench import bench_app
+
+    bench_app.command("tss")(bench_tss)
+except ImportError:  # pragma: no cover
+    pass

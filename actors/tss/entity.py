@@ -15,6 +15,15 @@ next; a claim whose search did not run in the same activation (host restart in b
 is treated as spent and the next poll waits for the interval. Failed polls are not
 retried before the interval either. Timer, manual ``PollNow`` and restarts all go
 through the same check. Direct reads (``ReadResource``) are allowed at any time.
+
+``Configure`` with another ``base_url`` (another Terminservice) drops the local store and
+starts a fresh initial sync.
+
+The practice's Terminservice credentials (client id + secret of its TVS) are part of the
+entity state: they are per practice (one TVS login each, provisioned with ``Configure``),
+and the state is stored AES-256-GCM encrypted (``personal_data = True``: key id in the
+header, AAD = kind + key), so they are never in plain form in Redis; status views and
+events never carry them. Bearer tokens are only held in the host's client (memory).
 """
 
 from __future__ import annotations
@@ -110,8 +119,11 @@ class PracticeSync(Entity[PracticeState]):
         return self.ctx.ports.client
 
     def _step(self, delay_s: float = 0.0) -> None:
+        # one timer name per step: the shard host may deliver a fired timer a second time
+        # when it read it just before the commit that handled it; a stale step is a no-op
+        # and deletes only its own name, never the next step's timer
         self.state.step_seq += 1
-        self.ctx.set_timer("step", Step(seq=self.state.step_seq), delay_s=delay_s)
+        self.ctx.set_timer(f"step-{self.state.step_seq}", Step(seq=self.state.step_seq), delay_s=delay_s)
 
     def _schedule_poll(self, at: float) -> None:
         self.state.next_poll_at = at
@@ -155,10 +167,24 @@ class PracticeSync(Entity[PracticeState]):
     @handles
     def on_configure(self, msg: Configure) -> SyncStatus:
         s = self.state
-        s.base_url, s.client_id, s.client_secret = msg.base_url.rstrip("/"), msg.client_id, msg.client_secret
+        base_url = msg.base_url.rstrip("/")
+        other_server = bool(s.base_url) and s.base_url != base_url
+        s.base_url, s.client_id, s.client_secret = base_url, msg.client_id, msg.client_secret
         s.poll_interval_s = msg.poll_interval_s  # validated >= 300 s by the message
         s.page_size = msg.page_size
-        if s.phase == "new":
+        if other_server:
+            # another Terminservice: its ids, versions and Provenance say nothing about what
+            # we hold - drop the local store (with DELETE events) and sync from scratch
+            for key in list(s.store.resources):
+                t, i = key.split("/", 1)
+                self._event(t, i, "DELETE", None, "reconfigure")
+            s.store = LocalStore()
+            s.cursor = Cursor()
+            s.initial_done = False
+            self.ctx.cancel_timer("poll")
+            s.next_poll_at = None
+            self._start_initial()
+        elif s.phase == "new":
             self._start_initial()
         elif s.last_poll_at is not None and s.phase == "idle":
             self._schedule_poll(max(self._allowed_at(), s.next_poll_at or 0.0))

@@ -3,7 +3,8 @@
 ``clock`` is the wall clock plus an offset read from ``<run_dir>/tss/clock.json``
 (``{"offset": seconds}``) when that file exists — a controllable clock for tests and
 demos (``automat tss clock --advance 300``); without the file it is the wall clock.
-The shard host uses the same clock for the durable timers.
+The shard host uses the same clock for the durable timers. A kind made with
+``practice_kind(cfg, clock="NAME")`` uses ``clock-NAME.json`` instead (tests, bench).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import httpx
 from actors.tss.client import TssClient
 
 
-def clock_file(cfg) -> Path:
-    return Path(cfg.run_dir) / "tss" / "clock.json"
+def clock_file(cfg, name: str | None = None) -> Path:
+    """The shared clock file, or a named one (a test or bench with its own clock)."""
+    return Path(cfg.run_dir) / "tss" / (f"clock-{name}.json" if name else "clock.json")
 
 
 def file_clock(path: Path | str) -> Callable[[], float]:
@@ -40,17 +42,17 @@ def file_clock(path: Path | str) -> Callable[[], float]:
     return now
 
 
-def set_clock_offset(cfg, offset_s: float) -> None:
-    p = clock_file(cfg)
+def set_clock_offset(cfg, offset_s: float, name: str | None = None) -> None:
+    p = clock_file(cfg, name)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps({"offset": offset_s}))
     tmp.replace(p)
 
 
-def clock_offset(cfg) -> float:
+def clock_offset(cfg, name: str | None = None) -> float:
     try:
-        return float(json.loads(clock_file(cfg).read_text()).get("offset", 0.0))
+        return float(json.loads(clock_file(cfg, name).read_text()).get("offset", 0.0))
     except (OSError, ValueError):
         return 0.0
 
@@ -64,7 +66,21 @@ class TssPorts:
         await self.client.aclose()
 
 
-def make_ports(cfg) -> TssPorts:
+def make_ports(cfg, clock_name: str | None = None) -> TssPorts:
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0),
                              limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
-    return TssPorts(TssClient(http), file_clock(clock_file(cfg)))
+    return TssPorts(TssClient(http), file_clock(clock_file(cfg, clock_name)))
+
+
+class _NamedClockPorts:
+    """``ports="actors.tss.ports:named_clock.<name>"``: the same ports, but the clock file
+    ``<run_dir>/tss/clock-<name>.json`` - a test or bench moves its own clock without
+    moving the one of `automat run` (or of another test session in the same run dir)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda cfg: make_ports(cfg, clock_name=name)
+
+
+named_clock = _NamedClockPorts()

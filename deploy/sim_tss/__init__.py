@@ -6,7 +6,7 @@
 """
 
 from deploy.sim_tss.app import make_app
-from deploy.sim_tss.server import SimServer, file_clock
+from deploy.sim_tss.server import SimServer
 from deploy.sim_tss.sim import TerminService
 
-__all__ = ["TerminService", "make_app", "SimServer", "file_clock"]
+__all__ = ["TerminService", "make_app", "SimServer"]

@@ -9,7 +9,6 @@ import time
 
 import uvicorn
 
-from actors.tss.ports import file_clock  # noqa: F401  (the shared controllable clock)
 from deploy.sim_tss.app import make_app
 from deploy.sim_tss.sim import TerminService
 

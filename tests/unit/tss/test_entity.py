@@ -233,3 +233,39 @@ async def test_writes_and_direct_reads():
     same(sim, "prx-1", h.state.store.resources)
     st = await h.send(GetStatus())
     assert st.lag_s == 0 and st.phase == "idle"
+
+
+async def test_configure_with_another_terminservice_starts_over():
+    import httpx
+
+    from actors.tss.client import TssClient
+    from deploy.sim_tss import make_app
+
+    clock = FakeClock()
+    sim_a, sim_b = TerminService(clock=clock), TerminService(clock=clock, seed=4711)
+    pa = sim_a.add_practice("prx-1", slots=5, appointments=2)
+    sim_b.add_practice("prx-0")  # other ids and versions at the second server
+    pb = sim_b.add_practice("prx-1", slots=3, appointments=1)
+    pb.secret = pa.secret
+    http = httpx.AsyncClient(mounts={"http://sim": httpx.ASGITransport(app=make_app(sim_a)),
+                                     "http://sim2": httpx.ASGITransport(app=make_app(sim_b))})
+
+    async def no_sleep(_s: float) -> None:
+        return None
+
+    h = Harness("prx-1", TssPorts(TssClient(http, retries=1, sleep=no_sleep), clock))
+    await h.send(Configure(base_url=BASE, client_id=pa.client_id, client_secret=pa.secret))
+    await h.run_due()
+    same(sim_a, "prx-1", h.state.store.resources)
+    # the same server again: nothing starts over
+    st = await h.send(Configure(base_url=BASE + "/", client_id=pa.client_id, client_secret=pa.secret))
+    assert st.phase == "idle" and st.initial_done
+    # another Terminservice: the store is rebuilt from it, old resources leave with DELETE events
+    st = await h.send(Configure(base_url="http://sim2/fhir", client_id=pb.client_id, client_secret=pb.secret))
+    assert st.phase == "initial"
+    await h.run_due()
+    s = h.state
+    assert s.phase == "idle" and s.initial_done
+    same(sim_b, "prx-1", s.store.resources)
+    gone = {e.data["resource_id"] for e in h.events if e.data.get("source") == "reconfigure"}
+    assert gone == {k.split("/", 1)[1] for k in sim_a.snapshot("prx-1")}
