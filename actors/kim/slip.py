@@ -213,7 +213,11 @@ class RoutingSlip(Entity[SlipState]):
             mailbox=s.mailbox, facts=dict(s.facts), blobs=dict(s.blobs), dispatched_at=s.updated_at,
             chain=getattr(kim, "fuse_max", 1), since=s.created_at))
         self.ctx.cancel_timer("retry")
-        self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt), delay_s=kim.step_timeout_s)
+        chain = max(1, int(getattr(kim, "fuse_max", 1)))
+        n = segment_length(self._map(), s.step, chain) if chain > 1 else 1
+        # the watchdog budget grows with the work dispatched: step_timeout_s per 4 fused steps
+        self.ctx.set_timer("watchdog", StepTimeout(step=s.step, attempt=s.attempt),
+                           delay_s=kim.step_timeout_s * max(1.0, n / 4.0))
 
     def _close_run(self, result: str, error: str | None = None, worker_ms: float = 0.0,
                    ended: float | None = None) -> None:
@@ -388,6 +392,30 @@ class RoutingSlip(Entity[SlipState]):
     @handles(readonly=True)
     def on_get(self, msg: GetSlip) -> SlipState:
         return self.state
+
+
+_SEGMENTS: dict[tuple[str, int, str, int], int] = {}
+
+
+def segment_length(rm, step: str | None, chain: int) -> int:
+    """How many steps a worker runs for an order of ``step`` if all succeed: the road map's
+    "ok" path until (and including) the first side-effecting step, at most ``chain``."""
+    key = (rm.name, int(rm.version), step or "", chain)
+    n = _SEGMENTS.get(key)
+    if n is None:
+        from actors.kim.steps._base import EFFECTS
+
+        n, cur = 0, step
+        try:
+            while cur and not cur.startswith("@") and n < chain:
+                n += 1
+                if rm.step(cur).impl in EFFECTS:
+                    break
+                cur = rm.ok_target(cur)
+        except KeyError:
+            n = max(1, n)
+        n = _SEGMENTS[key] = max(1, n)
+    return n
 
 
 def is_terminal(status: str) -> bool:

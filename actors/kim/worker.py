@@ -67,7 +67,7 @@ _GATE: OldestFirst | None = None
 def gate() -> OldestFirst:
     global _GATE
     if _GATE is None:
-        _GATE = OldestFirst()
+        _GATE = OldestFirst(limit=4)  # few at once: an order's wall time ~ limit x its CPU time
     return _GATE
 
 
