@@ -186,7 +186,7 @@ class Autoscaler(Supervised):
             h = await self._host(name)
             if h is None:
                 return None
-            return await asyncio.wait_for(h.load.remote(), 2.0)
+            return await asyncio.wait_for(h.load.remote(), 5.0)
         except Exception:
             self._handles.pop(name, None)
             return None
@@ -223,10 +223,16 @@ class Autoscaler(Supervised):
             return
         loads = await asyncio.gather(*(self._load(p.kind.host_name(i)) for i in p.hosts))
         seen = [x for x in loads if x]
+        if len(seen) < len(p.hosts) and pol.min_hosts <= len(p.hosts) <= pol.max_hosts:
+            # a host did not answer (restarting, or too busy even for its control thread):
+            # keep the hysteresis timers as they are, decide on the next tick
+            p.note = f"{len(p.hosts) - len(seen)} host(s) not answering"
+            return
         backlog = sum(x["inflight"] + x["held"] for x in seen)
         per_host = backlog / max(1, len(p.hosts))
         lat = max((x["lat_p95_ms"] for x in seen), default=0.0)
         lag = max((x["loop_lag_ms"] for x in seen), default=0.0)
+        p.note = ""
         p.signal = {"backlog": backlog, "per_host": round(per_host, 1), "lat_p95_ms": lat,
                     "loop_lag_ms": lag, "hosts_seen": len(seen)}
         metrics.POOL_HOSTS.set(len(p.hosts), kind=pol.kind)
@@ -243,8 +249,6 @@ class Autoscaler(Supervised):
             target, reason = pol.min_hosts, "below min_hosts"
         elif n > pol.max_hosts:
             target, reason = pol.max_hosts, "above max_hosts"
-        elif len(seen) < len(p.hosts):
-            p.note = f"{len(p.hosts) - len(seen)} host(s) not answering: no decision"
         elif now - p.last_change >= pol.cooldown_s:
             if up and now - p.above_since >= pol.up_after_s and n < pol.max_hosts:
                 target = min(pol.max_hosts, n + pol.step)
@@ -257,6 +261,7 @@ class Autoscaler(Supervised):
             p.action = asyncio.get_running_loop().create_task(self._resize(p, target, reason))
 
     # ---- actions ----------------------------------------------------------------------------
+
     async def _reconcile(self, p: _Pool, sup, missing: list[int], extra: list[dict]) -> None:
         try:
             for i in missing:

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import Any
 
+import ray
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
@@ -106,6 +107,9 @@ class ShardHost(Supervised):
         self._map_lock: asyncio.Lock | None = None
         self._map_redis = None
         self._map_seen = None  # last polled raw version
+        self._map_waiters: list[asyncio.Future] = []  # deliver calls that came before the map
+        self._gate_open = False
+        self._gate_task = False
         if index >= self.n_hosts:  # added beyond the static layout: nothing is ours before a map says so
             self._gated, self._active = True, set()
         # load signals for the autoscaler (see load())
@@ -146,6 +150,21 @@ class ShardHost(Supervised):
             self._spawn(self._lag_loop())
             self._started = True
 
+    async def _start_in_background(self) -> None:
+        """Start timers etc. without waiting for a first message: a host that was restarted,
+        or was handed shards, has durable timers to fire even if nobody writes to it."""
+        try:
+            await self._ensure_started()
+        except Exception as e:
+            log.error("%s: could not start (%s: %s); retried with the next message",
+                      self.kind.host_name(self.index), type(e).__name__, e)
+
+    async def supervised_info(self) -> dict:
+        info = await super().supervised_info()
+        if not self._started:
+            self._spawn(self._start_in_background())
+        return info
+
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -167,8 +186,13 @@ class ShardHost(Supervised):
     # -- the Ray-facing API -------------------------------------------------------------
     async def deliver(self, batch: list[tuple[str, BaseModel]]) -> list[Any]:
         """Handle a batch of ``(key, message)``; one reply per message, in order."""
-        if not self._map_ready:
-            await self._init_map()
+        if not self._gate_open:  # first calls wait for the map, then go on in arrival order
+            waiter = asyncio.get_running_loop().create_future()
+            self._map_waiters.append(waiter)
+            if not self._gate_task:
+                self._gate_task = True
+                self._spawn(self._init_map_then_release())
+            await waiter
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._inflight += len(batch)
@@ -354,6 +378,17 @@ class ShardHost(Supervised):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _init_map_then_release(self) -> None:
+        try:
+            await self._init_map()
+        finally:
+            while self._map_waiters:  # one at a time, in arrival order: each enqueues its
+                w = self._map_waiters.pop(0)  # batch before the next one resumes
+                if not w.done():
+                    w.set_result(None)
+                await asyncio.sleep(0)
+            self._gate_open = True
+
     async def adopt_map(self, raw: str | dict | None = None) -> dict:
         """Follow a shard map (given, or read from Redis): bounce shards no longer ours after
         letting what was accepted for them finish (then passivate those entities), hold
@@ -390,6 +425,8 @@ class ShardHost(Supervised):
                     for key, msg, fut in self._held.pop(s):
                         self._answer(fut, self._moved(key, msg, s))
             self._map_ready = True
+            if active and not self._started:  # handed shards: their durable timers must fire
+                self._spawn(self._start_in_background())
             # shards that left: what was accepted finishes (commits included), then passivate
             t0 = time.monotonic()
             deadline = t0 + self.cfg.runtime.handover_drain_s
@@ -420,22 +457,27 @@ class ShardHost(Supervised):
                 "gated": self._gated, "active": sorted(self._active), "held": sorted(self._held),
                 "entities_by_shard": per}
 
+    @ray.method(concurrency_group="control")
     async def load(self, window_s: float = 10.0) -> dict:
         """Load signals for the autoscaler: messages in flight (delivered, not yet
         answered), queued behind busy entities, held, batch latency over the window,
-        event-loop lag (CPU saturation), entities, map version."""
+        event-loop lag (CPU saturation), entities, map version. Runs in the "control"
+        concurrency group (its own thread), so a saturated host still answers; it only
+        reads counters (C-level copies, atomic under the GIL)."""
         now = time.monotonic()
-        lat = sorted(d for t, d in self._lat if now - t <= window_s)
+        lat = sorted(d for t, d in list(self._lat) if now - t <= window_s)
+        slots = list(self._slots.values())
+        held = list(self._held.values())
 
         def pct(p: float) -> float:
             return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000.0 if lat else 0.0
 
         return {
             "host": self.kind.host_name(self.index), "pid": os.getpid(), "inflight": self._inflight,
-            "queued": sum(len(s.queue) for s in self._slots.values()),
-            "held": sum(len(v) for v in self._held.values()), "batches": len(lat),
+            "queued": sum(len(s.queue) for s in slots),
+            "held": sum(len(v) for v in held), "batches": len(lat),
             "lat_p50_ms": round(pct(0.5), 2), "lat_p95_ms": round(pct(0.95), 2),
-            "loop_lag_ms": round(self._lag * 1000.0, 2), "active_entities": len(self._slots),
+            "loop_lag_ms": round(self._lag * 1000.0, 2), "active_entities": len(slots),
             "messages": self.stats_counters["messages"], "version": self._map.version,
             "shards": len(self._active),
         }
@@ -467,6 +509,23 @@ class ShardHost(Supervised):
             if n % 10 == 0:
                 metrics.HOST_INFLIGHT.set(self._inflight, kind=self.kind.name, host=name)
                 metrics.HOST_LOOP_LAG.set(self._lag, kind=self.kind.name, host=name)
+            if n % 50 == 0:  # every ~5 s: how late is the oldest due durable timer of our shards
+                try:
+                    metrics.TIMER_LAG.set(await self._timer_lag(), kind=self.kind.name, host=name)
+                except Exception as e:
+                    log.debug("timer lag: %s", e)
+
+    async def _timer_lag(self) -> float:
+        from actors.runtime.store import timer_zset
+
+        shards = sorted(self._active) if self._gated else self.my_shards
+        if not shards:
+            return 0.0
+        pipe = self.redis.pipeline(transaction=False)
+        for sh in shards:
+            pipe.zrange(timer_zset(self.kind.name, sh), 0, 0, withscores=True)
+        oldest = [rows[0][1] for rows in await pipe.execute() if rows]
+        return max(0.0, self._clock() - min(oldest)) if oldest else 0.0
 
     # -- mailbox ----------------------------------------------------------------------
     def _enqueue(self, key: str, msg: BaseModel, fut, tmember: str | None) -> None:
@@ -820,3 +879,8 @@ class ShardHost(Supervised):
         while True:
             await asyncio.sleep(max(0.5, min(after / 2, 30.0)))
             self._passivate(after)
+
+
+#: the Ray actor class of shard hosts: ``load()`` answers from the "control" concurrency
+#: group (its own thread) while the host's event loop is busy with entities
+ShardHostActor = ray.remote(concurrency_groups={"control": 2})(ShardHost)

@@ -49,6 +49,7 @@ __all__ = [
     "SHARD_MOVES",
     "HANDOVER_SECONDS",
     "CAPACITY_REQUESTS",
+    "TIMER_LAG",
 ]
 
 log = logging.getLogger(__name__)
@@ -302,5 +303,11 @@ SHARD_MOVES = counter("shard_moves", "Shards handed over between hosts, by kind"
 HANDOVER_SECONDS = histogram(
     "handover_seconds", "Duration of one rebalance (map write, drain, activate), by kind",
     (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), ("kind",),
+)
+TIMER_LAG = gauge(
+    "timer_lag_seconds",
+    "How late the oldest due durable timer of a host's shards is (0: on time) - sync lag of the "
+    "116117 practices (tss.practice), overdue KIM retries and watchdogs (kim.slip)",
+    ("kind", "host"),
 )
 CAPACITY_REQUESTS = counter("capacity_requests", "request_resources calls of the autoscaler (node full)", ())

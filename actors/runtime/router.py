@@ -11,11 +11,18 @@ Which host: the kind's shard map (``actors.runtime.shardmap``; the static layout
 ``shard % hosts`` when none is stored). A host that no longer owns a shard answers
 ``Failure("moved")``; the router then re-reads the map and re-sends the message to the new
 owner (also when the old host is gone for good), so a rebalance loses nothing.
+
+Order across a move: when the router learns a new map, messages not yet sent to a
+shard's old host are taken back and sent to the new one in order, and while batches to
+the old host are still out, newer messages for the moved shards wait (a *fence*) — the
+old host's answers come first (what it bounced is re-sent first), then the waiting ones.
+So one sender's messages to one entity stay in order through a rebalance too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -33,6 +40,20 @@ log = logging.getLogger("automat.router")
 
 KINDS_KEY = "automat:kinds"
 _REROUTED = object()  # a message handed to another lane (its future is answered there)
+
+
+class _Fence:
+    """A moved shard's messages wait here until the old host answered every batch
+    that was out to it (``waiting`` batch ids); then: what it bounced, then ``pending``."""
+
+    __slots__ = ("waiting", "bounced", "pending", "tries", "since")
+
+    def __init__(self) -> None:
+        self.waiting: set[int] = set()
+        self.bounced: dict[int, list] = {}
+        self.pending: list = []
+        self.tries = 0
+        self.since = time.monotonic()
 
 
 class HostNotFound(Exception):
@@ -88,6 +109,7 @@ class _Lane:
         self.waiters: set[asyncio.Task] = set()
         self.resend_lock = asyncio.Lock()
         self.outstanding = 0  # batches flushed but not yet answered
+        self.inflight: dict[int, list] = {}  # batch id -> batch, taken from the queue, not answered
 
     def put(self, key: str, msg: BaseModel, fut) -> None:
         self.buf.append((key, msg))
@@ -121,17 +143,22 @@ class _Lane:
     async def _send_loop(self) -> None:
         while True:
             batch, futs = await self.queue.get()
+            if not batch:  # every message was taken back by a map change
+                self.outstanding -= 1
+                continue
+            bid = next(self.router._bids)
+            self.inflight[bid] = batch  # from here on, a map change fences instead of taking back
             await self.sem.acquire()
             try:
                 handle = await self._handle()
                 ref = handle.deliver.remote(batch)
             except Exception as e:
                 ref = e
-            t = asyncio.get_running_loop().create_task(self._await(ref, batch, futs))
+            t = asyncio.get_running_loop().create_task(self._await(ref, batch, futs, bid))
             self.waiters.add(t)
             t.add_done_callback(self.waiters.discard)
 
-    async def _await(self, ref, batch, futs) -> None:
+    async def _await(self, ref, batch, futs, bid: int) -> None:
         try:
             if isinstance(ref, Exception):
                 raise ref
@@ -156,9 +183,15 @@ class _Lane:
                 continue
             if fut is not None and not fut.done():
                 fut.set_result(r)
-        if bounced:
-            await self.router._reroute(self.kind, bounced, self.name)
-        self.outstanding -= 1
+        try:
+            if bounced:  # learn the new map first: this batch is still out, so it is fenced
+                await self.router.refresh_map(self.kind)
+        except Exception as e:
+            log.warning("map refresh for %s failed: %s", self.kind, e)
+        finally:
+            self.inflight.pop(bid, None)
+            self.router._batch_done(self.kind, self.name, bid, bounced)
+            self.outstanding -= 1
 
     async def _resend(self, batch, futs, first_error) -> list:
         async with self.resend_lock:
@@ -178,7 +211,7 @@ class _Lane:
                     if move:
                         for i in move:
                             key, msg = batch[i]
-                            (await self.router._lane(self.kind, key)).put(key, msg, futs[i])
+                            await self.router._put(self.kind, key, msg, futs[i])
                         mine = keep
                         if not mine:
                             return results
@@ -226,6 +259,8 @@ class Router:
         self._map_loads: dict[str, asyncio.Future] = {}
         self._epoch = cluster_epoch()
         self._tasks: set[asyncio.Task] = set()
+        self._fences: dict[str, dict[int, _Fence]] = {}
+        self._bids = itertools.count()
 
     def _r(self):
         if self._redis is None:
@@ -260,7 +295,9 @@ class Router:
                     log.warning("shard map of %s not readable (%s); static layout", kind, e)
                     m = self._maps.get(kind) or ShardMap.static(kind, k.host_count(self.cfg), self.num_shards)
                 old = self._maps.get(kind)
-                if old is None or m.version >= old.version or m.is_static:
+                if old is not None and m.version > old.version:
+                    self._install_map(kind, old, m)
+                elif old is None or m.version >= old.version or m.is_static:
                     self._maps[kind] = m
                 fut.set_result(self._maps[kind])
             except BaseException as e:
@@ -271,64 +308,161 @@ class Router:
                 del self._map_loads[kind]
         return await asyncio.shield(fut)
 
+    def _install_map(self, kind: str, old: ShardMap, new: ShardMap) -> None:
+        """A newer map: take unsent messages of moved shards back (in order), fence moved
+        shards that still have batches out to their old host."""
+        moved = {s for s in range(self.num_shards) if old.owner[s] != new.owner[s]}
+        self._maps[kind] = new
+        if not moved:
+            return
+        fences = self._fences.setdefault(kind, {})
+        taken: dict[int, list] = {}
+        prefix = f"{kind}.host."
+        for lane in self._lanes.values():
+            if not lane.name.startswith(prefix):
+                continue
+            for bid, batch in lane.inflight.items():
+                for s in {shard_of(k, self.num_shards) for k, _ in batch} & moved:
+                    fences.setdefault(s, _Fence()).waiting.add(bid)
+            # unsent: queued batches (oldest first), then the open buffer
+            kept_q = []
+            for batch, futs in list(lane.queue._queue):
+                kb, kf = [], []
+                for (k, m), f in zip(batch, futs):
+                    sh = shard_of(k, self.num_shards)
+                    if sh in moved:
+                        taken.setdefault(sh, []).append((k, m, f))
+                    else:
+                        kb.append((k, m))
+                        kf.append(f)
+                kept_q.append((kb, kf))
+            lane.queue._queue.clear()
+            lane.queue._queue.extend(kept_q)
+            kb, kf = [], []
+            for (k, m), f in zip(lane.buf, lane.futs):
+                sh = shard_of(k, self.num_shards)
+                if sh in moved:
+                    taken.setdefault(sh, []).append((k, m, f))
+                else:
+                    kb.append((k, m))
+                    kf.append(f)
+            lane.buf, lane.futs = kb, kf
+        for s, items in taken.items():
+            fence = fences.get(s)
+            if fence is not None:
+                fence.pending[:0] = items
+            else:
+                for k, m, f in items:
+                    self._put_now(kind, new, k, m, f)
+        for s in [s for s, f in fences.items() if not f.waiting]:
+            self._release(kind, s)
+        if not fences:
+            self._fences.pop(kind, None)
+
+    def _batch_done(self, kind: str, lane: str, bid: int, bounced: list) -> None:
+        """A batch was answered: settle its fences; re-send what it bounced."""
+        fences = self._fences.get(kind)
+        rest = bounced
+        if fences:
+            rest = []
+            by_shard: dict[int, list] = {}
+            for it in bounced:
+                by_shard.setdefault(shard_of(it[0], self.num_shards), []).append(it)
+            for s, its in by_shard.items():
+                f = fences.get(s)
+                if f is not None and bid in f.waiting:
+                    f.bounced[bid] = its
+                else:
+                    rest.extend(its)
+            for s in [s for s, f in fences.items() if bid in f.waiting]:
+                fences[s].waiting.discard(bid)
+                if not fences[s].waiting:
+                    self._release(kind, s)
+            if not fences:
+                self._fences.pop(kind, None)
+        if rest:
+            self.rerouted += len(rest)
+            m = self._maps[kind]
+            by_shard: dict[int, list] = {}
+            for it in rest:
+                by_shard.setdefault(shard_of(it[0], self.num_shards), []).append(it)
+            for s, its in by_shard.items():
+                fences = self._fences.setdefault(kind, {})
+                f = fences.get(s)
+                if f"{kind}.host.{m.owner[s]}" != lane:  # the map knows the new owner
+                    if f is not None:
+                        f.pending[:0] = its  # older than what waits there
+                    else:
+                        for k, msg, fut in its:
+                            self._put_now(kind, m, k, msg, fut)
+                    continue
+                # the host is ahead of the map we read (or behind it): ask again after a
+                # pause; newer messages for the shard wait behind these (order)
+                if f is None:
+                    f = fences[s] = _Fence()
+                f.bounced.setdefault(bid, []).extend(its)
+                tok = next(self._bids)
+                f.waiting.add(tok)
+                delay = min(0.5, 0.01 * (2 ** min(f.tries, 6)))
+                f.tries += 1
+                t = asyncio.get_running_loop().create_task(self._retry_fence(kind, s, f, tok, delay))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+            if not self._fences.get(kind):
+                self._fences.pop(kind, None)
+
+    async def _retry_fence(self, kind: str, s: int, f: _Fence, tok: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.refresh_map(kind)
+        except Exception as e:
+            log.warning("map refresh for %s failed: %s", kind, e)
+        if time.monotonic() - f.since > 30 and f.tries % 20 == 0:
+            log.error("%s shard %d: hosts keep answering 'moved' for %.0f s; messages wait", kind, s,
+                      time.monotonic() - f.since)
+        f.waiting.discard(tok)
+        fences = self._fences.get(kind)
+        if fences is not None and fences.get(s) is f and not f.waiting:
+            self._release(kind, s)
+            if not fences:
+                self._fences.pop(kind, None)
+
+    def _release(self, kind: str, s: int) -> None:
+        f = self._fences[kind].pop(s)
+        items = [it for bid in sorted(f.bounced) for it in f.bounced[bid]] + f.pending
+        self.rerouted += sum(len(v) for v in f.bounced.values())
+        m = self._maps[kind]
+        for k, msg, fut in items:
+            self._put_now(kind, m, k, msg, fut)
+
+    def _put_now(self, kind: str, m: ShardMap, key: str, msg: BaseModel, fut) -> None:
+        s = shard_of(key, self.num_shards)
+        fences = self._fences.get(kind)
+        if fences and s in fences:
+            fences[s].pending.append((key, msg, fut))
+            return
+        name = f"{kind}.host.{m.owner[s]}"
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = _Lane(self, name, kind)
+        lane.put(key, msg, fut)
+
+    async def _put(self, kind: str, key: str, msg: BaseModel, fut) -> None:
+        m = self._maps.get(kind) or await self.shard_map(kind)
+        self._put_now(kind, m, key, msg, fut)
+
     async def _lane_name(self, kind: str, key: str) -> str:
         m = self._maps.get(kind) or await self.shard_map(kind)
         return f"{kind}.host.{m.owner[shard_of(key, self.num_shards)]}"
 
-    async def _lane(self, kind: str, key: str) -> _Lane:
-        m = self._maps.get(kind) or await self.shard_map(kind)
-        name = f"{kind}.host.{m.owner[shard_of(key, self.num_shards)]}"
-        lane = self._lanes.get(name)
-        if lane is None:
-            lane = self._lanes[name] = _Lane(self, name, kind)
-        return lane
-
-    async def _reroute(self, kind: str, items: list, from_lane: str) -> None:
-        """Messages a host bounced (``moved``): re-read the map, put them on the right lane.
-        While the map still names the same host (a handover in progress), wait a little."""
-        self.rerouted += len(items)
-        t = asyncio.get_running_loop().create_task(self._reroute_task(kind, items, from_lane))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _reroute_task(self, kind: str, items: list, from_lane: str) -> None:
-        delay, deadline = 0.01, time.monotonic() + self.resend_deadline_s
-        pending = items
-        warned = time.monotonic()
-        while pending:
-            try:
-                await self.refresh_map(kind)
-                again = []
-                for key, msg, fut in pending:
-                    lane = await self._lane(kind, key)
-                    if lane.name != from_lane:
-                        lane.put(key, msg, fut)
-                    elif fut is not None and time.monotonic() > deadline:  # an ask: say so
-                        if not fut.done():
-                            fut.set_result(Failure(code="unavailable", reason=f"{from_lane} keeps answering "
-                                                   "'moved' but the shard map still names it", kind=kind,
-                                                   key=key, message_type=type(msg).__name__))
-                    else:
-                        again.append((key, msg, fut))  # the map has not caught up yet (a tell waits on)
-                pending = again
-            except Exception as e:
-                log.warning("re-routing %d messages of %s failed (%s); retrying", len(pending), kind, e)
-            if pending:
-                if time.monotonic() - warned > 30:
-                    warned = time.monotonic()
-                    log.error("%d messages of %s bounced by %s wait for the shard map to change",
-                              len(pending), kind, from_lane)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-
     async def tell(self, kind: str, key: str, msg: BaseModel) -> None:
         """One-way: returns once queued; delivered at least once."""
-        (await self._lane(kind, key)).put(key, msg, None)
+        await self._put(kind, key, msg, None)
 
     async def send(self, kind: str, key: str, msg: BaseModel) -> asyncio.Future:
         """Queue a message and get a future of its reply (no timeout)."""
         fut = asyncio.get_running_loop().create_future()
-        (await self._lane(kind, key)).put(key, msg, fut)
+        await self._put(kind, key, msg, fut)
         return fut
 
     async def ask(self, kind: str, key: str, msg: BaseModel, *, timeout_s: float | None = None,
@@ -356,7 +490,8 @@ class Router:
                 while lane.outstanding or lane.buf:
                     await asyncio.sleep(0.001)
                     lane.flush()
-            if not self._tasks and not any(la.outstanding or la.buf for la in self._lanes.values()):
+            if not self._tasks and not self._fences and \
+                    not any(la.outstanding or la.buf for la in self._lanes.values()):
                 return
             await asyncio.sleep(0.005)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ray
 
-from actors.runtime.host import ShardHost
+from actors.runtime.host import ShardHostActor
 from actors.runtime.kinds import EntityKind
 
-HOST_ACTOR = "actors.runtime.host:ShardHost"
+HOST_ACTOR = "actors.runtime.host:ShardHostActor"
 
 
 def host_actor_options(kind: EntityKind, cfg=None) -> dict:
@@ -43,7 +43,7 @@ _KEEP: dict[str, object] = {}  # a named, non-detached actor dies with its last 
 
 def start_hosts(cfg, kind: EntityKind, *, namespace: str | None = None) -> list:
     """Start a kind's hosts as plain named actors (tests, tools; no supervision)."""
-    cls = ray.remote(ShardHost)
+    cls = ShardHostActor
     ns = namespace or cfg.runtime.namespace
     handles = []
     for i in range(kind.host_count(cfg)):
