@@ -56,7 +56,7 @@ chaos: system venv
 
 fuzz: venv
 	@mkdir -p $(RAY_TMP) $(RUN_DIR)/home
-	AUTOMAT_FUZZ_PROFILE=deep $(TEST_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider tests/unit/fuzz $(PYTEST_ARGS)
+	AUTOMAT_FUZZ_PROFILE=deep $(TEST_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider --timeout=0 tests/unit/fuzz $(PYTEST_ARGS)
 
 help:
 	@sed -n '1,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
