@@ -241,6 +241,7 @@ from actors.efa.cli import bench_efa, efa_app; app.add_typer(efa_app, name="efa"
 from deploy.chaos.cli import chaos_cmd; app.command("chaos")(chaos_cmd)  # noqa: E402,E702
 from deploy.keys_cli import keys_app; app.add_typer(keys_app, name="keys")  # noqa: E402,E702
 from deploy.loadtest import loadtest_cmd; app.command("loadtest")(loadtest_cmd)  # noqa: E402,E702
+from deploy.scale import scale_app; app.add_typer(scale_app, name="scale")  # noqa: E402,E702
 # <<< end of capability sub-apps
 
 
