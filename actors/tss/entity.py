@@ -129,9 +129,12 @@ class PracticeSync(Entity[PracticeState]):
         self.state.next_poll_at = at
         self.ctx.set_timer("poll", PollDue(), at=at)
 
-    def _allowed_at(self) -> float:
+    def _allowed_at(self, now: float | None = None) -> float:
+        """When the next Provenance search may run (``now`` when none ran yet)."""
         s = self.state
-        return (s.last_poll_at + s.poll_interval_s) if s.last_poll_at is not None else self.ctx.now()
+        if s.last_poll_at is not None:
+            return s.last_poll_at + s.poll_interval_s
+        return self.ctx.now() if now is None else now
 
     def _error(self, e: Exception, where: str) -> None:
         s = self.state
@@ -221,7 +224,7 @@ class PracticeSync(Entity[PracticeState]):
             nb = s.next_poll_at or now
             return PollRefused(reason=f"no poll during phase {s.phase!r}: the initial sync must finish first",
                                not_before=nb, retry_in_s=max(0.0, nb - now))
-        allowed = self._allowed_at()
+        allowed = self._allowed_at(now)  # the same reading of the clock: never "too early" by a tick
         if now < allowed:
             if not manual:  # a timer that fired early (clock moved back?): keep the rule
                 self._schedule_poll(allowed)

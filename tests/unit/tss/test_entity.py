@@ -269,3 +269,27 @@ async def test_configure_with_another_terminservice_starts_over():
     same(sim_b, "prx-1", s.store.resources)
     gone = {e.data["resource_id"] for e in h.events if e.data.get("source") == "reconfigure"}
     assert gone == {k.split("/", 1)[1] for k in sim_a.snapshot("prx-1")}
+
+
+class TickingClock(FakeClock):
+    """A clock that moves a little on every reading, like the wall clock."""
+
+    def __call__(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
+async def test_first_poll_runs_with_a_clock_that_moves_between_readings():
+    clock = TickingClock()
+    sim = TerminService(clock=clock)
+    p = sim.add_practice("prx-1", slots=3, appointments=1)
+    h = Harness("prx-1", TssPorts(make_sim_client(sim), clock))
+    await h.send(Configure(base_url=BASE, client_id=p.client_id, client_secret=p.secret))
+    await h.run_due()
+    clock.advance(300)
+    sim.mutate(2)
+    await h.run_due()  # the poll timer fires once and the poll runs (not refused as "too early")
+    s = h.state
+    assert p.polls == 1 and s.last_poll_at is not None and s.phase == "idle"
+    same(sim, "prx-1", s.store.resources)
+    assert isinstance(await h.send(PollNow()), PollRefused)
