@@ -61,10 +61,29 @@ def infra_spec(cfg: AutomatConfig) -> SupervisorSpec:
     return SupervisorSpec(name="infra", strategy="one_for_one", children=children)
 
 
+def pin_control(spec: SupervisorSpec, resource: str | None) -> SupervisorSpec:
+    """On a cluster (``runtime.control_resource``): the supervisors of a subtree and its
+    plain control children (num_cpus 0: relay, autoscaler, mailbox actors) need a sliver
+    of a resource only the head node has, so they stay there when a worker node dies."""
+    if not resource:
+        return spec
+    need = {"resources": {resource: 0.001}}
+    children = []
+    for c in spec.children:
+        if isinstance(c, SupervisorSpec):
+            children.append(pin_control(c, resource))
+        elif not c.options.get("num_cpus") and "resources" not in c.options \
+                and c.actor != "actors.runtime.host:ShardHostActor":
+            children.append(c.model_copy(update={"options": {**c.options, **need}}))
+        else:
+            children.append(c)
+    return spec.model_copy(update={"options": {**spec.options, **need}, "children": children})
+
+
 def root_spec(cfg: AutomatConfig) -> SupervisorSpec:
     children = [infra_spec(cfg)] + [m.supervisor_spec(cfg) for m in capability_modules()]
-    return SupervisorSpec(name="root", strategy="one_for_one", max_restarts=10, max_seconds=60,
-                          children=children)
+    return pin_control(SupervisorSpec(name="root", strategy="one_for_one", max_restarts=10, max_seconds=60,
+                                      children=children), cfg.runtime.control_resource)
 
 
 async def register_all(cfg: AutomatConfig) -> list[EntityKind]:

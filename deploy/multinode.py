@@ -34,9 +34,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT_NAME = "automat.multinode.root"
+CONTROL = "automat_control"  # only the head node has it
 
 
-def cluster_config(cfg, workers: int, redis_db: int, *, step_timeout_s: float = 10.0):
+def cluster_config(cfg, workers: int, redis_db: int, *, step_timeout_s: float = 5.0):
     """A copy of ``cfg`` for the multi-node run (own Redis database, hosts spread)."""
     c = cfg.model_copy(deep=True)
     base = c.redis.url.rsplit("/", 1)[0] if c.redis.url.count("/") >= 3 else c.redis.url
@@ -46,6 +47,7 @@ def cluster_config(cfg, workers: int, redis_db: int, *, step_timeout_s: float = 
     c.kim.slip_hosts = workers
     c.kim.worker_hosts = workers
     c.kim.step_timeout_s = step_timeout_s
+    c.runtime.control_resource = CONTROL  # supervisors stay on the head
     c.autoscale.enabled = False  # fixed pool sizes: the runs compare node counts
     return c
 
@@ -53,12 +55,14 @@ def cluster_config(cfg, workers: int, redis_db: int, *, step_timeout_s: float = 
 def kim_hosts_spec(cfg):
     from actors.kim.app import kinds
     from actors.runtime.system import host_child_specs
+    from deploy.app import pin_control
     from supervisors.spec import ChildSpec, SupervisorSpec
 
     hosts = [ChildSpec(**d) for k in kinds(cfg) for d in host_child_specs(cfg, k)]
     kim = SupervisorSpec(name="kim", strategy="one_for_one", max_restarts=50, max_seconds=60, parallel_start=True,
                          children=hosts)
-    return SupervisorSpec(name="root", strategy="one_for_one", children=[kim])
+    return pin_control(SupervisorSpec(name="root", strategy="one_for_one", children=[kim]),
+                       cfg.runtime.control_resource)
 
 
 def placement(tree: dict) -> dict[str, str]:
@@ -137,6 +141,7 @@ async def _drive(cfg, cluster, raws: list[bytes], kill: bool, timeout_s: float, 
     blobs = BlobStore(cfg.blob.dir, KeyRing.from_file(cfg.crypto.keys_file))
     router = Router(cfg)
     want = {mail_id_of(pseudo, raw) for raw in raws}
+    out["distinct"] = len(want)  # an exact duplicate mail (same bytes) is one mail id
     t0 = time.monotonic()
     feeder = asyncio.create_task(_feed(cfg, router, raws, pseudo, blobs))
     killed: dict[str, Any] | None = None
@@ -179,7 +184,7 @@ async def _drive(cfg, cluster, raws: list[bytes], kill: bool, timeout_s: float, 
         killed.pop("_t0", None)
         out["kill"] = killed
     stats = await asyncio.gather(*(_host_stats(cfg, name) for name in before))
-    out["handled_by_node"] = _handled_by_node(stats, cluster)
+    out["handled_by_node"] = _handled_by_node(stats, cluster)  # hosts alive at the end (a restart resets)
     await router.close()
     await asyncio.to_thread(stop_root, namespace=cfg.runtime.namespace, name=ROOT_NAME)
     await r.flushdb()
@@ -262,8 +267,8 @@ def run_cluster(cfg, *, workers: int, raws: list[bytes], kill: bool = False, red
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("RAY_ADDRESS", None)
     ccfg = cluster_config(cfg, workers, redis_db)
-    cluster = _retry(lambda: Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}),
-                     "head node", log)
+    cluster = _retry(lambda: Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "resources": {CONTROL: 100}, "include_dashboard": False}), "head node", log)
     cluster._all_worker_ids = []
     try:
         for i in range(workers):

@@ -90,6 +90,7 @@ class RuntimeConfig(_Section):
     handover_drain_s: float = Field(60.0, gt=0)  # a moved shard's entities get this long to finish
     host_num_cpus: float | None = Field(None, ge=0)  # CPUs per shard host actor (None: the kind's)
     host_scheduling: Literal["DEFAULT", "SPREAD"] = "DEFAULT"  # SPREAD: hosts over the nodes
+    control_resource: str | None = None  # a resource only the head has: supervisors etc. stay there
 
 
 class KimMailbox(_Section):

@@ -35,6 +35,8 @@ def test_ray_cluster_yaml_passes_rays_own_validation():
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] == "head"
     assert types["head"]["resources"]["CPU"] == 0 and types["head"]["max_workers"] == 0
+    assert types["head"]["resources"]["automat_control"] > 0  # control actors stay on the head
+    assert "automat_control" not in types["mail_worker"]["resources"]
     worker = types["mail_worker"]
     assert worker["resources"]["mail_worker"] == 1 and worker["resources"]["CPU"] >= 2
     assert 1 <= worker["min_workers"] < worker["max_workers"] <= cfg["max_workers"]
@@ -62,6 +64,7 @@ def test_raycluster_translates_through_rays_kuberay_autoscaler_config():
     auto = _derive_autoscaling_config_from_ray_cr(copy.deepcopy(cr))  # validates against Ray's schema
     types = auto["available_node_types"]
     assert types["headgroup"]["resources"]["CPU"] == 0  # num-cpus: 0 on the head
+    assert types["headgroup"]["resources"]["automat_control"] == 1000
     w = types["mail-workers"]
     assert w["resources"]["CPU"] == 4 and w["resources"]["mail_worker"] == 1
     assert (w["min_workers"], w["max_workers"]) == (2, 12)
@@ -85,6 +88,8 @@ def test_configmap_is_a_valid_automat_configuration(monkeypatch):
     assert all(str(m.password_file).startswith("/run/secrets/") and m.password is None for m in cfg.kim.mailboxes)
     assert {p.kind for p in cfg.autoscale.pools} == {"kim.worker", "kim.slip"}
     assert cfg.runtime.host_scheduling == "SPREAD" and cfg.runtime.host_num_cpus == 1
+    head = load(K8S / "raycluster.yaml")["spec"]["headGroupSpec"]["rayStartParams"]["resources"]
+    assert cfg.runtime.control_resource in head
     # every file a setting points at is in the secret (by name)
     secret = load(K8S / "secret.example.yaml")
     files = {f"/run/secrets/{name}" for name in secret["stringData"]}
@@ -113,3 +118,19 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script():
             assert (REPO / src).exists(), src
     assert '"automat"' in text and 'automat = "deploy.cli:main"' in (REPO / "pyproject.toml").read_text()
     assert "USER ray" in text  # not root
+
+
+def test_control_actors_are_pinned_to_the_head_when_configured():
+    from actors.runtime.config import load_config
+    from deploy.app import root_spec
+    from supervisors.spec import SupervisorSpec
+
+    cfg = load_config()
+    assert all("resources" not in spec.options for _, spec in root_spec(cfg).walk())  # local: nothing pinned
+    cfg.runtime.control_resource = "automat_control"
+    for path, spec in root_spec(cfg).walk():
+        pinned = spec.options.get("resources", {}).get("automat_control", 0) > 0
+        if isinstance(spec, SupervisorSpec) or path.endswith(("autoscaler", "outbox.relay")):
+            assert pinned, path
+        if ".host." in path:  # shard hosts go where the CPUs are
+            assert not pinned, path
