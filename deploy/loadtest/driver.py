@@ -527,13 +527,15 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         ray.shutdown()
     # ---- numbers
     delivered = {m.mail_id: m for m in fed}
-    lat_all, lat_eau, finish, as_expected = [], [], [], 0
+    lat_all, lat_eau, finish, as_expected, pickup = [], [], [], 0, []
     for mid, m in delivered.items():
         s = summaries.get(mid)
         if not s or s.get("status") not in ("done", "rejected", "parked") or not s.get("finished_at"):
             continue
         lat = (s["finished_at"] - m.delivered_at) * 1000.0
         lat_all.append(lat)
+        if s.get("created_at"):
+            pickup.append((s["created_at"] - m.delivered_at) * 1000.0)
         finish.append((s["finished_at"], lat))
         if m.procedure == "eAU_Lieferung" and m.fault == "none" and s.get("outcome") == "done":
             lat_eau.append(lat)
@@ -584,7 +586,9 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                        "sustained_mails_per_s": round(sustained, 1), "terminal": n_term},
         "latency_ms": {"p50": _r(rep.pct(lat_all, 50)), "p95": _r(rep.pct(lat_all, 95)), "p99": _r(rep.pct(lat_all, 99)),
                        "max": _r(max(lat_all) if lat_all else None), "eau_done_p50": _r(rep.pct(lat_eau, 50)),
-                       "eau_done_p99": _r(rep.pct(lat_eau, 99))},
+                       "eau_done_p99": _r(rep.pct(lat_eau, 99)),
+                       # delivered into IMAP -> slip created (mailbox actor: IDLE, fetch, claim check)
+                       "pickup_p50": _r(rep.pct(pickup, 50)), "pickup_p99": _r(rep.pct(pickup, 99))},
         "resources": {"cpu_s": round(cpu, 1), "cpu_s_per_mail": round(cpu / n_term, 5) if n_term else None,
                       "peak_rss_mib": round(max(run_samples) / 2**20, 1),
                       "rss_mib_at": [rss_at(0.25), rss_at(0.5), rss_at(0.9)],

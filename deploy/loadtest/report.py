@@ -55,6 +55,8 @@ def markdown(r: dict) -> str:
         f"{_fmt(lat['p99'])} / {_fmt(lat['max'])} ms |",
         f"| latency of done eAU mails p50 / p99 (delivered -> deposited and released) | "
         f"{_fmt(lat.get('eau_done_p50'))} / {_fmt(lat.get('eau_done_p99'))} ms |",
+        f"| of it: delivered -> slip created (IMAP pick-up) p50 / p99 | {_fmt(lat.get('pickup_p50'))} / "
+        f"{_fmt(lat.get('pickup_p99'))} ms |",
         f"| CPU per mail (all processes of the run) | {_fmt(res['cpu_s_per_mail'])} s |",
         f"| peak RSS (all processes of the run) | {_fmt(res['peak_rss_mib'])} MiB |",
         f"| RSS at 25 % / 50 % / 90 % of the run | {' / '.join(_fmt(x) for x in res['rss_mib_at'])} MiB |",
