@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -82,15 +83,25 @@ def ray_session(cfg):
     }
     if os.environ.get("AUTOMAT_CONFIG"):
         env_vars["AUTOMAT_CONFIG"] = os.environ["AUTOMAT_CONFIG"]
-    ray.init(
-        address="local",
-        namespace=cfg.runtime.namespace,
-        num_cpus=4,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-        log_to_driver=True,
-        runtime_env={"env_vars": env_vars},
-    )
+    # Ray waits a fixed 30 s for its raylet to register; on a busy 2-core machine that can
+    # run out, so a start that timed out is retried (any other error is raised at once)
+    for attempt in range(4):
+        try:
+            ray.init(
+                address="local",
+                namespace=cfg.runtime.namespace,
+                num_cpus=4,
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                log_to_driver=True,
+                runtime_env={"env_vars": env_vars},
+            )
+            break
+        except Exception as e:
+            if attempt == 3 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            time.sleep(5)
 
     def probe_worker() -> dict:  # nested: pickled by value, conftest is not importable there
         import actors
