@@ -432,7 +432,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
     from supervisors.supervisor import start_root, stop_root
 
     users = [b.user for b in lcfg.kim.mailboxes]
-    for attempt in range(3):  # Ray gives a local node 30 s to come up; a busy machine may need more
+    for attempt in range(5):  # Ray gives a local node 30 s to come up; a busy machine may need more
         try:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(namespace=lcfg.runtime.namespace, runtime_env={"env_vars": ray_env(lcfg)})
@@ -441,10 +441,11 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                          runtime_env={"env_vars": ray_env(lcfg)}, log_to_driver=False)
             break
         except Exception as e:
-            if attempt == 2 or "timed out during startup" not in str(e):
+            if attempt == 4 or "timed out during startup" not in str(e):
                 raise
             console.print(f"[yellow]Ray did not come up ({e}); trying again[/]")
             ray.shutdown()
+            await asyncio.sleep(5.0 * (attempt + 1))
     roots = [os.getpid()]
     if stack is not None:
         roots += [p for ps in stack.processes().values() for p in ps[:1]]
