@@ -79,7 +79,8 @@ class Autoscaler(Supervised):
         self.pools = {p.kind: _Pool(p) for p in self.acfg.pools}
         self.events: list[dict] = []
         self._redis: Any = None
-        self._resolve = default_host_resolver(self.ns)
+        self._resolve = default_host_resolver(self.ns, timeout_s=2.0)  # load(): a missing host is skipped
+        self._resolve_move = default_host_resolver(self.ns, timeout_s=10.0)  # handovers wait for restarts
         self._handles: dict[str, Any] = {}
         self._requested: list[dict] | None = None
         self._t0 = time.time()
@@ -334,7 +335,7 @@ class Autoscaler(Supervised):
                 if not ok:
                     return
                 nodes = sorted({r.get("node_id", "")[:8] for r in started if isinstance(r, dict)})
-                report = await rebalance(self.cfg, self._r(), p.kind, before + ok, resolve=self._resolve)
+                report = await rebalance(self.cfg, self._r(), p.kind, before + ok, resolve=self._resolve_move)
                 metrics.SCALE_DECISIONS.inc(kind=p.policy.kind, direction="up")
                 self._event(p, "grow", hosts_before=len(before), hosts_after=len(before) + len(ok), reason=reason,
                             signal=dict(p.signal), moved=report["moved"], handover_s=report["seconds"],
@@ -342,7 +343,7 @@ class Autoscaler(Supervised):
             elif target < len(before):
                 keep = sorted(before)[:target]
                 leave = [i for i in before if i not in keep]
-                report = await rebalance(self.cfg, self._r(), p.kind, keep, resolve=self._resolve)
+                report = await rebalance(self.cfg, self._r(), p.kind, keep, resolve=self._resolve_move)
                 for i in leave:
                     await sup.remove_child.remote(p.kind.host_name(i), "pool shrunk")
                     self._handles.pop(p.kind.host_name(i), None)
@@ -359,7 +360,7 @@ class Autoscaler(Supervised):
                             bundles.extend([dict(s)] * n)
                     await self._request(bundles, p, "pool shrunk")
             else:  # same size: an interrupted handover to finish
-                report = await rebalance(self.cfg, self._r(), p.kind, before, resolve=self._resolve)
+                report = await rebalance(self.cfg, self._r(), p.kind, before, resolve=self._resolve_move)
                 if report.get("resumed"):
                     self._event(p, "handover-resumed", reason=reason)
         except Exception as e:

@@ -25,15 +25,21 @@ class RebalanceError(RuntimeError):
     """The map changed underneath (another coordinator) or a host could not take part."""
 
 
-def default_host_resolver(namespace: str) -> Callable[[str], Awaitable[Any]]:
-    from actors.runtime.router import HostNotFound, default_resolver
+def default_host_resolver(namespace: str, timeout_s: float = 10.0) -> Callable[[str], Awaitable[Any]]:
+    """Handle of a host (plain named, or the serving incarnation of a supervised one);
+    None when none serves within ``timeout_s`` (gone: nothing can be active there)."""
+    import ray
 
-    inner = default_resolver(namespace)
+    from supervisors.resolve import resolve_async
 
     async def resolve(name: str):
         try:
-            return await inner(name)
-        except (HostNotFound, LookupError):
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            pass
+        try:
+            return await resolve_async(name, namespace=namespace, timeout_s=timeout_s)
+        except LookupError:
             return None
 
     return resolve

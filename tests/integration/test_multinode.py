@@ -31,7 +31,8 @@ def test_a_killed_worker_node_loses_nothing_and_its_hosts_move(stack, tmp_path):
          "--timeout", "300", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=580,
     )
-    print(proc.stdout[-4000:])
+    print("\n".join(ln for ln in proc.stdout.splitlines()  # our lines, not Ray's node logs
+                    if ln.startswith("[") or (ln.startswith("  ") and not ln.startswith("   "))))
     assert out.exists(), proc.stderr[-4000:]
     res = json.loads(out.read_text())[0]
     # spread: both worker nodes carry hosts; supervisors are on the head

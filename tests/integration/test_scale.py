@@ -275,3 +275,44 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
         finally:
             ray.kill(scaler)
         await pool.stop()
+
+
+async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_session, redis_client):
+    """Hosts carry runtime.host_num_cpus; when the next one does not fit on the nodes there
+    are, the autoscaler calls request_resources (Ray's autoscaler would add a node)."""
+    import json
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from actors.runtime.autoscaler import Autoscaler
+
+    acfg = cfg.model_copy(deep=True)
+    acfg.runtime.host_num_cpus = 3.0  # the session has 4 CPUs: one host fits, two do not
+    kind = new_kind(COUNTER, hosts=1)
+    await register_kinds(redis_client, [kind])
+    pool = await Pool(acfg, kind).start()
+    acfg.autoscale = AutoscaleConfig(interval_s=0.5, pools=[PoolPolicy(
+        kind=kind.name, supervisor=pool.sup_name, min_hosts=2, max_hosts=2)])
+    scaler = ray.remote(Autoscaler).options(namespace=cfg.runtime.namespace, num_cpus=0).remote(acfg)
+    try:
+        t0 = time.monotonic()
+        asked = []
+        while time.monotonic() - t0 < 60 and not asked:
+            await asyncio.sleep(0.5)
+            asked = [e for e in await scaler.timeline.remote() if e["action"] == "request_resources"]
+        assert asked, await scaler.timeline.remote()
+        print(f"\nautoscaler: {asked[0]['reason']} -> request_resources({asked[0]['bundles']} bundles, "
+              f"{asked[0]['cpus']:g} CPU) after {time.monotonic() - t0:.1f} s")
+        assert asked[0]["cpus"] == 6.0 and asked[0]["bundles"] == 2
+        stored = _internal_kv_get(b"autoscaler_resource_request")  # what Ray's (v1) autoscaler reads
+        if stored is not None:
+            assert json.loads(stored) == [{"CPU": 3.0}, {"CPU": 3.0}]
+    finally:
+        try:
+            await scaler.stop.remote()
+        finally:
+            ray.kill(scaler)
+        await pool.stop()
+        request_resources(bundles=[])
