@@ -158,6 +158,8 @@ def build_reject_ack(
     if version not in SUPPORTED_VERSIONS:
         version = "2.5"
         fields[12] = version
+    if enc.truncation is not None and version_tuple(version) < (2, 7):  # our ACK must be valid for its version
+        enc = enc.model_copy(update={"truncation": None})
     acc = _first_comp(fields.get(15, ""), enc)
     app = _first_comp(fields.get(16, ""), enc)
     enhanced = bool(acc or app)

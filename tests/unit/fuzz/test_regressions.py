@@ -86,3 +86,17 @@ def test_hl7_nul_in_msh18_charset_is_answered_not_raised():
     result = parse_message(raw)
     assert isinstance(result, (Hl7Message, Hl7Error))
     assert ack_for(raw, result) is not None
+
+
+def test_hl7_reject_ack_for_garbage_with_five_encoding_chars_is_valid_hl7():
+    """Found by test_fuzz_hl7 (deep profile): for the garbage ``MMSH}^~\\&|`` the NAK took
+    over five encoding characters (a v2.7 truncation character) but said version 2.5 - our
+    own answer was not valid HL7 for the KIS to read."""
+    from protocols.hl7 import Hl7Message, ack_for, parse_message
+
+    raw = b"MMSH}^~\\&|"
+    result = parse_message(raw)
+    ack = ack_for(raw, result)
+    back = parse_message(ack.to_bytes())
+    assert isinstance(back, Hl7Message), back
+    assert back.header.message_type == "ACK"
