@@ -243,7 +243,7 @@ async def _kill_busiest(cfg, cluster, root, log) -> dict:
     return {"node": label, "node_id": victim_id, "hosts": hosts, "_t0": t0}
 
 
-def _retry(make, what: str, log, attempts: int = 3):
+def _retry(make, what: str, log, attempts: int = 5):
     """Ray gives a node 30 s to register; on a machine under load that is sometimes short."""
     for i in range(attempts):
         try:
@@ -252,7 +252,7 @@ def _retry(make, what: str, log, attempts: int = 3):
             if i == attempts - 1:
                 raise
             log(f"  {what} did not come up ({str(e)[:80]}); again")
-            time.sleep(5)
+            time.sleep(10)
 
 
 def run_cluster(cfg, *, workers: int, raws: list[bytes], kill: bool = False, redis_db: int = 9,
