@@ -121,6 +121,7 @@ def start_ray(cfg: AutomatConfig, *, dashboard: bool = True) -> str:
         ctx = ray.init(namespace=cfg.runtime.namespace, runtime_env={"env_vars": ray_env(cfg)})
     else:
         ctx = ray.init(
+            address="local",  # a new local Ray: never attach to another one `ray start`ed here
             namespace=cfg.runtime.namespace,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
