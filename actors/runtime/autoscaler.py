@@ -6,8 +6,9 @@ other kind — and
 
 - reads the load of every host (``ShardHost.load()``): messages in flight (delivered, not
   yet answered, plus held), p95 batch latency over the last 10 s, event-loop lag;
-- **grows** the pool by ``step`` hosts when the backlog per host is above ``up_backlog``
-  or the worst p95 above ``up_latency_ms`` for ``up_after_s``, **shrinks** it by one
+- **grows** the pool when the backlog per host is above ``up_backlog`` or the worst p95
+  above ``up_latency_ms`` for ``up_after_s`` — to as many hosts as the backlog asks for
+  (``backlog / up_backlog``, at least ``step`` more) in one handover — **shrinks** it by one
   when both are below the ``down_*`` marks for ``down_after_s`` — between ``min_hosts``
   and ``max_hosts``, with ``cooldown_s`` after every change (hysteresis: the two marks
   and the two durations differ, so a pool does not flap);
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -252,7 +254,8 @@ class Autoscaler(Supervised):
             target, reason = pol.max_hosts, "above max_hosts"
         elif now - p.last_change >= pol.cooldown_s:
             if up and now - p.above_since >= pol.up_after_s and n < pol.max_hosts:
-                target = min(pol.max_hosts, n + pol.step)
+                # as many hosts as the backlog asks for (at least `step` more): one handover
+                target = min(pol.max_hosts, max(n + pol.step, math.ceil(backlog / pol.up_backlog)))
                 reason = (f"backlog {per_host:.0f}/host > {pol.up_backlog:g}" if per_host > pol.up_backlog
                           else f"p95 {lat:.0f} ms > {pol.up_latency_ms:g}")
             elif down and now - p.below_since >= pol.down_after_s and n > pol.min_hosts:

@@ -145,7 +145,7 @@ class PoolPolicy(_Section):
     up_after_s: float = Field(2.0, ge=0)  # hysteresis: the condition must hold this long
     down_after_s: float = Field(20.0, ge=0)
     cooldown_s: float = Field(5.0, ge=0)  # after any change, before the next one
-    step: int = Field(1, ge=1, le=64)  # hosts added per grow decision
+    step: int = Field(1, ge=1, le=64)  # at least this many hosts per grow (more when the backlog asks)
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolPolicy":

@@ -222,12 +222,14 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
     steps = 10
     finished: list[float] = []
     failures: list = []
+    done_steps = [0]
 
     async def entity_run(key: str) -> None:
         for _ in range(steps):
             r = await router.ask(kind.name, key, Work(ms=5.0), timeout_s=120, raise_failure=False)
             if type(r).__name__ != "Done":
                 failures.append(r)
+            done_steps[0] += 1
         finished.append(time.monotonic())
 
     try:
@@ -240,8 +242,8 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
             st = await scaler.status.remote()
             pool_st = st["pools"][kind.name]
             grew_to = max(grew_to, len(pool_st["hosts"]))
-            timeline.append((round(time.monotonic() - t0, 1), len(pool_st["hosts"]), len(keys) - len(finished),
-                             pool_st["signal"].get("backlog")))
+            timeline.append((round(time.monotonic() - t0, 1), len(pool_st["hosts"]), len(keys) * steps - done_steps[0],
+                             pool_st["signal"].get("backlog"), done_steps[0]))
             if len(finished) == len(keys) and done_at is None:
                 done_at = max(finished) - t0
             if done_at is not None and len(pool_st["hosts"]) == 1 and not pool_st["busy"]:
@@ -249,9 +251,12 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
             await asyncio.sleep(0.5)
         await asyncio.gather(*runs)
         events = await scaler.timeline.remote()
-        print("\n  t[s]  hosts  entities-not-done  backlog(seen by the autoscaler)")
+        print("\n  t[s]  hosts  steps left  steps/s  in flight (seen by the autoscaler)")
+        prev = (0.0, 0)
         for row in timeline[::2]:
-            print(f"  {row[0]:5.1f}  {row[1]:5d}  {row[2]:17d}  {row[3]}")
+            rate = (row[4] - prev[1]) / max(1e-6, row[0] - prev[0])
+            prev = (row[0], row[4])
+            print(f"  {row[0]:5.1f}  {row[1]:5d}  {row[2]:10d}  {rate:7.0f}  {row[3]}")
         print("autoscaler events:")
         for ev in events:
             print(f"  t={ev['t']:6.1f}s {ev['action']:<17} {ev.get('hosts_before', '')}->{ev.get('hosts_after', '')} "
