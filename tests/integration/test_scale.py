@@ -312,6 +312,7 @@ async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_se
               f"{asked[0]['cpus']:g} CPU) after {time.monotonic() - t0:.1f} s")
         assert asked[0]["cpus"] == 6.0 and asked[0]["bundles"] == 2
         stored = _internal_kv_get(b"autoscaler_resource_request")  # what Ray's (v1) autoscaler reads
+        print(f"request in Ray's GCS for its autoscaler: {stored!r}")
         if stored is not None:
             assert json.loads(stored) == [{"CPU": 3.0}, {"CPU": 3.0}]
     finally:
