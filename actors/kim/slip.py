@@ -68,6 +68,7 @@ class Receive(BaseModel):
 class ReceiveReply(BaseModel):
     mail_id: str
     created: bool  # False: already owned by an existing slip (re-fetch after a crash)
+    blob: str = ""  # the raw-mail blob the slip holds (a retried Receive gets its own ref back)
     status: str
 
 
@@ -292,7 +293,7 @@ class RoutingSlip(Entity[SlipState]):
     def on_receive(self, msg: Receive) -> ReceiveReply:
         s = self.state
         if s.status != "new":
-            return ReceiveReply(mail_id=self.key, created=False, status=s.status)
+            return ReceiveReply(mail_id=self.key, created=False, status=s.status, blob=s.blobs.get("raw", ""))
         now = self.ctx.now()
         s.mail_id, s.mailbox, s.size = self.key, msg.mailbox, msg.size
         s.created_at = s.updated_at = now

@@ -50,3 +50,65 @@ async def test_rejection_keeps_its_reason_when_the_answer_step_was_retried(ports
     assert s.error_code == "payload_not_fhir", (s.error_code, s.reason)
     assert "FHIR" in (s.reason or ""), s.reason
     assert any(h.result == "retry" for h in s.history)  # the transient error stays in the history
+
+
+class _Client:
+    """Just what ``MailboxFetcher._handle_chunk`` uses of an IMAPClient."""
+
+    def __init__(self, mails: dict[int, bytes]):
+        self.mails = mails
+        self.moved: list[int] = []
+
+    def fetch(self, uids, what):
+        return {u: {b"BODY[]": self.mails[u]} for u in uids if u in self.mails}
+
+    def has_capability(self, name):
+        return name == "MOVE"
+
+    def move(self, uids, folder):
+        self.moved += list(uids)
+
+
+class _RouterThatResends:
+    """The router's behaviour when a slip host dies right after committing a Receive: the
+    same message goes again to the next incarnation, whose answer is "already owned"."""
+
+    def __init__(self, slip: RoutingSlip):
+        self.slip = slip
+
+    async def ask(self, kind, key, msg, **kw):
+        self.slip.ctx._effects = Effects()
+        first = self.slip.on_receive(msg)  # committed; the reply is lost with the host
+        assert first.created
+        self.slip.ctx._effects = Effects()
+        return self.slip.on_receive(msg)  # the re-sent Receive
+
+
+async def test_mailbox_keeps_the_blob_when_its_own_receive_was_resent(tmp_path, gen):
+    """Chaos run (slip host SIGKILLed while slips were being created): two valid eAUs
+    ended parked with ``blob_missing`` - the mailbox actor took the "already owned" answer
+    to its own re-sent Receive for a re-fetch and deleted the raw mail the slip held."""
+    from actors.kim.mailbox import MailboxFetcher
+    from actors.runtime.blobs import BlobStore
+    from actors.runtime.config import KimMailbox, load_config
+    from actors.runtime.crypto import KeyRing, Pseudonymizer
+
+    cfg = load_config(run_dir=tmp_path / ".run")
+    cfg.kim.mailboxes = [KimMailbox(user="kasse01")]
+    cfg.kim.fetchers = 1
+    f = MailboxFetcher(cfg, 0)
+    f.blobs = BlobStore(tmp_path / "blobs", KeyRing.generate())
+    f.pseudo = Pseudonymizer(b"k" * 32)
+    slip = _slip()
+    f.router = _RouterThatResends(slip)
+
+    async def no_cursor(*a):
+        return None
+
+    f._save_cursor = no_cursor
+    raw = gen.eau().raw
+    client = _Client({7: raw})
+    await f._handle_chunk(cfg.kim.mailboxes[0], client, 1, [7])
+    ref = slip.state.blobs["raw"]
+    assert client.moved == [7] and slip.state.status != "new"
+    assert f.blobs.get(ref) == raw  # the claim check the slip holds is still there
