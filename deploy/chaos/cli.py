@@ -21,6 +21,8 @@ def chaos_cmd(
     mailboxes: int = typer.Option(8, help="IMAP mailboxes the load is spread over."),
     settle: float = typer.Option(900.0, help="Seconds to wait after the load until every mail is terminal."),
     keep: bool = typer.Option(False, "--keep/--no-keep", help="Leave the chaos stack running afterwards."),
+    recheck: bool = typer.Option(False, "--recheck", help="Only run the end checks again on the finished run in "
+                                                         "--run-dir/--port-base (its report.json, mails.jsonl)."),
 ) -> None:
     """KIM under fire: SIGKILL actors of every kind, crash Redis/Kafka/Dovecot, drop IMAP
     connections, make the core system fail/hang/slow - then prove nothing was lost or doubled.
@@ -37,5 +39,10 @@ def chaos_cmd(
         raise typer.BadParameter(f"unknown fault kinds {bad}; known: {', '.join(ALL_KINDS)}")
     opts = ChaosOptions(mails=mails, duration_s=duration, faults=faults, kinds=ks, seed=seed, run_dir=run_dir,
                         port_base=port_base, mailboxes=mailboxes, settle_s=settle, keep=keep)
-    rep = run_chaos(get_config(ctx), opts)
+    if recheck:
+        from deploy.chaos.run import ChaosRun
+
+        rep = ChaosRun(get_config(ctx), opts).recheck()
+    else:
+        rep = run_chaos(get_config(ctx), opts)
     raise typer.Exit(0 if rep.ok else 1)

@@ -610,6 +610,9 @@ class ChaosRun:
         rep.checks["parked_valid"] = sum(1 for m in self.meta if m.fault == "none"
                                          and (slips.get(m.mail_id) or {}).get("status") == "parked")
         rep.checks["terminal_by_error"] = led.by_error
+        # a parked slip whose claim check is gone has lost its mail inside the system
+        lost["claim_check_lost"] = sum(1 for s in slips.values() if s and s["status"] == "parked"
+                                       and s.get("error_code") == "blob_missing")
         # a rejection / clerk hand-over must name the mail's own fault, never a transient
         # error of the infrastructure that was retried away
         wrong_reason = [mid for mid, s in slips.items() if s and s["status"] == "rejected"
@@ -673,7 +676,7 @@ class ChaosRun:
         lost["event_terminal_missing"] = miss_term
         dups["event_received_twice"] = two_recv
         dups["event_terminal_twice"] = two_term
-        rep.checks["kafka"] = {"records_read": len(events), "distinct_event_ids": len(by_id),
+        rep.checks["kafka"] = {**rep.checks.get("kafka", {}), "records_read": len(events), "distinct_event_ids": len(by_id),
                                "redelivered_same_id": sum(c - 1 for c in copies.values() if c > 1),
                                "outbox_left": left, "outbox_pending": pend, "outbox_dead": dead}
         if left or pend:
@@ -691,7 +694,13 @@ class ChaosRun:
         rep.duplicates = sum(dups.values())
 
     async def _read_kafka(self):
-        """Every record of every ``<prefix>*`` topic from the beginning: (events, raw payloads)."""
+        """Every record of every ``<prefix>*`` topic from the beginning: (events, raw payloads).
+
+        Partition by partition up to its end offset, each fetch from an explicit position:
+        a continuously fetching consumer stalls on Tansu/SeaweedFS after broker restarts
+        (empty fetches long before the end offset, while a fresh fetch from the same
+        position returns the records). Offsets that stay unreadable are counted
+        (``kafka.unreadable_offsets``), never skipped silently."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from actors.runtime.outbox import kafka_client_kwargs
@@ -703,33 +712,38 @@ class ChaosRun:
         await c.start()
         events: list[Event] = []
         payloads: list[bytes] = []
+        unreadable = 0
         try:
             topics = [t for t in await c.topics() if t.startswith(prefix)]
-            tps = [TopicPartition(t, p) for t in topics for p in (c.partitions_for_topic(t) or ())]
+            tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
             if not tps:
                 return events, payloads
             c.assign(tps)
-            await c.seek_to_beginning(*tps)
-            want = len(self.meta) * 2
-            quiet = time.monotonic()
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                batch = await c.getmany(timeout_ms=500, max_records=10000)
-                got = 0
-                for _tp, recs in batch.items():
+            begin = await c.beginning_offsets(tps)
+            end = await c.end_offsets(tps)
+            for tp in tps:
+                pos, stalls = begin[tp], 0
+                while pos < end[tp]:
+                    c.seek(tp, pos)
+                    recs = (await c.getmany(tp, timeout_ms=3000, max_records=2000)).get(tp, [])
+                    recs = [r for r in recs if r.offset >= pos]
+                    if not recs:
+                        stalls += 1
+                        if stalls >= 5:  # give up on this offset, count it, go on
+                            unreadable += 1
+                            pos, stalls = pos + 1, 0
+                        continue
+                    stalls = 0
                     for rec in recs:
-                        got += 1
                         payloads.append(rec.value)
                         try:
                             events.append(Event.from_payload(rec.value))
                         except Exception:
                             self.report.problems.append(f"not an event: {rec.topic}@{rec.offset}")
-                if got:
-                    quiet = time.monotonic()
-                elif time.monotonic() - quiet > (5 if len(events) >= want else 20):
-                    break
+                    pos = recs[-1].offset + 1
         finally:
             await c.stop()
+        self.report.checks.setdefault("kafka", {})["unreadable_offsets"] = unreadable
         return events, payloads
 
     async def _pii_files(self) -> None:
@@ -777,6 +791,53 @@ class ChaosRun:
         out.write_text(rep.model_dump_json(indent=2))
         render(rep, self.console)
         self.say(f"report: {out}")
+        return rep
+
+
+    # -- re-check a finished run ------------------------------------------------------------
+    async def _recheck(self) -> ChaosReport:
+        """The end checks again on a finished run's data (stack up, no Ray, no load, no
+        faults): ledger, IMAP, core system, Kafka, Redis leak scan. Faults, timings and the
+        log/blob scans are kept from the run's report."""
+        import redis.asyncio as aioredis
+
+        rd = Path(self.cfg.run_dir)
+        old = ChaosReport.model_validate_json((rd / "report.json").read_text())
+        self.meta = [MailMeta.model_validate_json(line) for line in (rd / "mails.jsonl").read_text().splitlines()
+                     if line.strip()]
+        self.seed = old.seed
+        self.say(f"re-checking {len(self.meta)} mails of {rd} (seed {old.seed}); regenerating the needles ...")
+        stream = mail_stream(len(self.meta), old.seed, self.opts.fault_rate)
+        for m, meta in zip(stream, self.meta):
+            if m.message_id != meta.message_id:
+                raise RuntimeError("regenerated mails differ from mails.jsonl (other seed or generator)")
+            self.needles.add(m.patient_name, m.kvnr)
+        self._secret_needles()
+        keep = {k: v for k, v in old.pii.items() if k.startswith(("log", "blob"))}
+        self.report = old.model_copy(update={"checks": {}, "problems": [], "pii": {}, "lost_detail": {},
+                                             "duplicate_detail": {}})
+        await asyncio.to_thread(self.stack.up)
+        r = aioredis.from_url(self.cfg.redis.url, socket_timeout=30)
+        try:
+            await self._checks(r)
+        finally:
+            await r.aclose()
+        self.report.pii.update(keep)
+        self.report.offered_rate = old.offered_rate
+        self.report.checks["rechecked"] = True
+        self._verdict()
+        return self.report
+
+    def recheck(self) -> ChaosReport:
+        try:
+            rep = asyncio.run(self._recheck())
+        finally:
+            if not self.opts.keep:
+                self.stack.down()
+        out = Path(self.cfg.run_dir) / "report.json"
+        out.write_text(rep.model_dump_json(indent=2))
+        render(rep, self.console)
+        self.say(f"report (re-checked): {out}")
         return rep
 
 
