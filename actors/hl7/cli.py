@@ -15,6 +15,7 @@ automat hl7 bench                       messages/s over 1 and 10 MLLP connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -256,17 +257,19 @@ def bench_hl7(
     from deploy.app import start_ray
 
     cfg = _cfg(ctx)
-    if cfg.local_stack:
+    lease = contextlib.nullcontext()
+    if cfg.local_stack:  # a lease: a test session that ends meanwhile does not stop the stack under us
         from deploy.stack import LocalStack
 
-        LocalStack(cfg).up()
+        lease = LocalStack(cfg).shared(owner="automat bench hl7")
     import ray
 
-    start_ray(cfg, dashboard=False)
-    try:
-        res = asyncio.run(_bench(cfg, messages, validate))
-    finally:
-        ray.shutdown()
+    with lease:
+        start_ray(cfg, dashboard=False)
+        try:
+            res = asyncio.run(_bench(cfg, messages, validate))
+        finally:
+            ray.shutdown()
     t = Table(title="automat bench hl7 (MLLP, one ACK per message after the import is durable)")
     for c in res[0]:
         t.add_column(c, justify="right")

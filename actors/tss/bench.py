@@ -17,6 +17,7 @@ Prints the times and rates; exit code 1 if any store differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -140,17 +141,19 @@ def bench_tss(
     from deploy.cli import get_config
 
     cfg = get_config(ctx)
-    if cfg.local_stack:
+    lease = contextlib.nullcontext()
+    if cfg.local_stack:  # a lease: a test session that ends meanwhile does not stop the stack under us
         from deploy.stack import LocalStack
 
-        LocalStack(cfg).up()
+        lease = LocalStack(cfg).shared(owner="automat bench tss")
     import ray
 
-    start_ray(cfg, dashboard=False)
-    try:
-        res = asyncio.run(run_bench(cfg, practices, rounds, changes_per_practice, hosts, page_size, timeout_s))
-    finally:
-        ray.shutdown()
+    with lease:
+        start_ray(cfg, dashboard=False)
+        try:
+            res = asyncio.run(run_bench(cfg, practices, rounds, changes_per_practice, hosts, page_size, timeout_s))
+        finally:
+            ray.shutdown()
     t = Table(title=f"automat bench tss: {practices} practices, {hosts} hosts, page size {page_size}")
     for c in ("phase", "seconds", "practices/s", "resources or changes", "per s", "stores differ",
               "applied twice", "not synced"):
