@@ -38,7 +38,10 @@ def host_child_specs(cfg, kind: EntityKind) -> list[dict]:
     return [host_child_spec(cfg, kind, i) for i in range(kind.host_count(cfg))]
 
 
-_KEEP: dict[str, object] = {}  # a named, non-detached actor dies with its last handle
+# A named, non-detached actor dies with its last *owning* handle. A handle got back by
+# name (``get_if_exists``) does not keep it alive, so every handle is kept: replacing the
+# first one dropped the actor (CI: test_moped after test_hl7 found its hosts dead).
+_KEEP: dict[str, list] = {}
 
 
 def start_hosts(cfg, kind: EntityKind, *, namespace: str | None = None) -> list:
@@ -53,5 +56,5 @@ def start_hosts(cfg, kind: EntityKind, *, namespace: str | None = None) -> list:
         )
     ray.get([h.ping.remote() for h in handles])
     for i, h in enumerate(handles):
-        _KEEP[kind.host_name(i)] = h
+        _KEEP.setdefault(kind.host_name(i), []).append(h)
     return handles

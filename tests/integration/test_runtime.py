@@ -226,3 +226,28 @@ async def test_lost_update_is_impossible_when_store_moves_underneath(hosted, red
     # our write is refused (version check), the entity reloads and applies on top
     assert (await router.ask(kind.name, "v", Add(n=1))).total == 101
     assert int(await redis_client.hget(state_key(kind.name, "v"), "v")) == 6
+
+
+
+async def test_starting_hosts_again_keeps_the_running_ones_alive(cfg, stack, ray_session, redis_client):
+    """Regression (CI, stop 12): a second ``start_hosts`` for a kind whose hosts run
+    (test_moped after test_hl7) got the hosts back by name and dropped the first handles:
+    Ray garbage-collected the named actors and every MOPED request answered 503."""
+    from actors.runtime import system
+
+    kind = new_kind(hosts=2)
+    await register_kinds(redis_client, [kind])
+    await asyncio.to_thread(start_hosts, cfg, kind)  # handles kept by the runtime only
+    router = Router(cfg)
+    try:
+        assert (await router.ask(kind.name, "k", Add(n=3))).total == 3
+        await asyncio.to_thread(start_hosts, cfg, kind)  # the second start: same hosts, by name
+        await asyncio.sleep(2.0)  # the GC of an unowned actor is asynchronous
+        names = {e["name"] for e in ray.util.list_named_actors(all_namespaces=True)}
+        assert {kind.host_name(0), kind.host_name(1)} <= names
+        assert (await router.ask(kind.name, "k", Add(n=4))).total == 7
+    finally:
+        await router.close()
+        for i in range(2):
+            for h in system._KEEP.pop(kind.host_name(i), []):
+                ray.kill(h)
