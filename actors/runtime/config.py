@@ -82,6 +82,7 @@ class RuntimeConfig(_Section):
     batch_window_ms: float = Field(2.0, ge=0, le=1000)
     batch_max: int = Field(500, ge=1, le=100_000)
     max_inflight_batches: int = Field(8, ge=1, le=1024)
+    order_wait_s: float = Field(2.0, gt=0, le=60)  # an early batch waits this long for its predecessors
     passivate_after_s: float = Field(300.0, gt=0)
     timer_poll_ms: float = Field(200.0, gt=0)
     handler_retries: int = Field(2, ge=0, le=100)

@@ -15,6 +15,12 @@ added or removed — the kind's versioned shard map (``actors.runtime.shardmap``
 map, a message for a shard the host does not own is answered ``Failure("moved")`` (the
 router re-reads the map and re-sends it), a shard being handed over to this host is
 held until the previous owner has drained (``adopt_map``).
+
+Order: Ray does not keep the order of one caller's calls to an *async* actor (a later
+call can start first). Routers therefore number their batches per host (``order`` =
+sender, sequence number, lowest number still unanswered); a batch that comes early waits
+for the ones before it (at most ``runtime.order_wait_s``) before its messages enter the
+mailboxes. So one sender's messages to one entity are handled in the order they were sent.
 """
 
 from __future__ import annotations
@@ -65,6 +71,17 @@ class _Slot:
         self.last_used = time.monotonic()
 
 
+class _SenderTurn:
+    """How far one sender's numbered batches to this host have come (see module doc)."""
+
+    __slots__ = ("due", "early", "seen")
+
+    def __init__(self, due: int) -> None:
+        self.due = due  # the next sequence number to enter the mailboxes
+        self.early: dict[int, asyncio.Future] = {}  # seq -> waiting batch that came early
+        self.seen = time.monotonic()
+
+
 class ShardHost(Supervised):
     """Hosts the entities of one kind for the shards ``s % hosts == index``."""
 
@@ -96,6 +113,7 @@ class ShardHost(Supervised):
             "messages": 0, "rounds": 0, "commits": 0, "commit_batches": 0, "activations": 0,
             "passivations": 0, "handler_errors": 0, "dead_letters": 0, "unknown": 0,
             "conflicts": 0, "quarantined": 0, "timers_fired": 0, "moved": 0, "held": 0,
+            "early_batches": 0, "order_gaps": 0,
         }
         # shard ownership (static layout until a versioned map is adopted)
         self._epoch = cluster_epoch()
@@ -116,6 +134,8 @@ class ShardHost(Supervised):
         self._inflight = 0
         self._lat: deque = deque(maxlen=4096)  # (end monotonic, seconds) per delivered batch
         self._lag = 0.0
+        self._turns: dict[str, _SenderTurn] = {}
+        self._order_wait_s = cfg.runtime.order_wait_s
 
     # -- lifecycle --------------------------------------------------------------------
     async def _ensure_started(self) -> None:
@@ -184,8 +204,12 @@ class ShardHost(Supervised):
             await close()
 
     # -- the Ray-facing API -------------------------------------------------------------
-    async def deliver(self, batch: list[tuple[str, BaseModel]]) -> list[Any]:
-        """Handle a batch of ``(key, message)``; one reply per message, in order."""
+    async def deliver(self, batch: list[tuple[str, BaseModel]],
+                      order: tuple[str, int, int] | None = None) -> list[Any]:
+        """Handle a batch of ``(key, message)``; one reply per message, in order.
+
+        ``order`` = (sender, sequence number, lowest number the sender still waits for):
+        the batch enters the mailboxes after the sender's earlier ones (module doc)."""
         if not self._gate_open:  # first calls wait for the map, then go on in arrival order
             waiter = asyncio.get_running_loop().create_future()
             self._map_waiters.append(waiter)
@@ -193,6 +217,8 @@ class ShardHost(Supervised):
                 self._gate_task = True
                 self._spawn(self._init_map_then_release())
             await waiter
+        if order is not None:
+            await self._await_turn(*order)  # no await between this and the enqueue below
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         self._inflight += len(batch)
@@ -233,6 +259,42 @@ class ShardHost(Supervised):
             now = time.monotonic()
             self._lat.append((now, now - t0))
             metrics.DELIVER_SECONDS.observe(now - t0, kind=self.kind.name)
+
+    async def _await_turn(self, sender: str, seq: int, base: int) -> None:
+        """Return when batches ``< seq`` of ``sender`` have entered the mailboxes (or were
+        answered elsewhere: ``base``), or after ``order_wait_s`` (a lost batch: counted)."""
+        t = self._turns.get(sender)
+        if t is None:  # a new sender, or this incarnation is new to it
+            if len(self._turns) >= 4096:
+                self._forget_idle_senders()
+            t = self._turns[sender] = _SenderTurn(base)
+        t.seen = time.monotonic()
+        if base > t.due:  # the sender has its answers for everything before ``base``
+            t.due = base
+        if seq > t.due:
+            self.stats_counters["early_batches"] += 1
+            fut = asyncio.get_running_loop().create_future()
+            t.early[seq] = fut
+            try:
+                await asyncio.wait_for(fut, self._order_wait_s)
+            except asyncio.TimeoutError:
+                self.stats_counters["order_gaps"] += 1
+                log.warning("%s host %d: batch %d of sender %s waited %.1f s for batch %d; going on without it",
+                            self.kind.name, self.index, seq, sender, self._order_wait_s, t.due)
+            finally:
+                t.early.pop(seq, None)
+        if seq >= t.due:
+            t.due = seq + 1
+        # wake who is due now, oldest first (they run after this batch has enqueued)
+        for s in sorted(k for k in t.early if k <= t.due):
+            f = t.early.pop(s)
+            if not f.done():
+                f.set_result(None)
+
+    def _forget_idle_senders(self) -> None:
+        cutoff = time.monotonic() - 600
+        for sender in [s for s, t in self._turns.items() if t.seen < cutoff and not t.early]:
+            del self._turns[sender]
 
     async def _run_batch(self, groups: dict[str, list]) -> None:
         """Fast path for kinds with only plain (sync) handlers: the whole batch in one

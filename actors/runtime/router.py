@@ -5,7 +5,8 @@ Messages are collected per destination host for ``batch_window_ms`` or until
 ``batch_max`` and sent as one Ray call; at most ``max_inflight_batches`` calls are
 outstanding per host (backpressure beyond that). A batch whose host died is re-sent to
 the host's next incarnation (at-least-once); within one host's life, the messages of one
-sender arrive in the order they were sent.
+sender arrive in the order they were sent: each lane numbers its batches, and the host
+lets a batch that Ray started early wait for its predecessors (``ShardHost.deliver``).
 
 Which host: the kind's shard map (``actors.runtime.shardmap``; the static layout
 ``shard % hosts`` when none is stored). A host that no longer owns a shard answers
@@ -25,6 +26,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from typing import Any, Awaitable, Callable
 
 import ray
@@ -110,6 +112,8 @@ class _Lane:
         self.resend_lock = asyncio.Lock()
         self.outstanding = 0  # batches flushed but not yet answered
         self.inflight: dict[int, list] = {}  # batch id -> batch, taken from the queue, not answered
+        self.seq = 0  # the next batch's sequence number on this lane
+        self.open: set[int] = set()  # sequence numbers sent to the host and not answered
 
     def put(self, key: str, msg: BaseModel, fut) -> None:
         self.buf.append((key, msg))
@@ -149,29 +153,35 @@ class _Lane:
             bid = next(self.router._bids)
             self.inflight[bid] = batch  # from here on, a map change fences instead of taking back
             await self.sem.acquire()
+            seq = None
             try:
                 handle = await self._handle()
-                ref = handle.deliver.remote(batch)
+                seq, self.seq = self.seq, self.seq + 1
+                self.open.add(seq)
+                ref = handle.deliver.remote(batch, (self.router.sender_id, seq, min(self.open)))
             except Exception as e:
                 ref = e
-            t = asyncio.get_running_loop().create_task(self._await(ref, batch, futs, bid))
+            t = asyncio.get_running_loop().create_task(self._await(ref, batch, futs, bid, seq))
             self.waiters.add(t)
             t.add_done_callback(self.waiters.discard)
 
-    async def _await(self, ref, batch, futs, bid: int) -> None:
+    async def _await(self, ref, batch, futs, bid: int, seq: int | None) -> None:
         try:
             if isinstance(ref, Exception):
                 raise ref
             results = await ref
         except (ActorDiedError, ActorUnavailableError, RayActorError, HostNotFound) as e:
             self.sem.release()
+            self.open.discard(seq)  # re-sent unnumbered: later batches must not wait for it
             results = await self._resend(batch, futs, e)
         except Exception as e:  # serialization and the like: answer every caller
+            self.open.discard(seq)
             self.sem.release()
             log.exception("batch to %s failed", self.name)
             results = [Failure(code="unavailable", reason=f"{type(e).__name__}: {e}", kind="?", key=k,
                                message_type=type(m).__name__) for k, m in batch]
         else:
+            self.open.discard(seq)
             self.sem.release()
         self.router.sent += len(batch)
         bounced = []
@@ -261,6 +271,7 @@ class Router:
         self._tasks: set[asyncio.Task] = set()
         self._fences: dict[str, dict[int, _Fence]] = {}
         self._bids = itertools.count()
+        self.sender_id = uuid.uuid4().hex[:16]  # numbers this router's batches per host
 
     def _r(self):
         if self._redis is None:
