@@ -18,7 +18,8 @@ from actors.runtime.kinds import EntityKind
 from actors.runtime.system import host_child_specs
 from supervisors.spec import ChildSpec, SupervisorSpec
 
-FIXTURES = Path("/work/shared/fixtures/kim")
+# the real public sample mails (licences: fixtures/SOURCES.md)
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "kim"
 
 
 def slip_kind(cfg) -> EntityKind:
@@ -52,7 +53,7 @@ def supervisor_spec(cfg, *, name: str = "kim") -> SupervisorSpec:
 
 
 def fixture_mails() -> list[Path]:
-    """The real sample KIM mails (``shared/fixtures/kim/**/*.eml``)."""
+    """The real sample KIM mails (``fixtures/kim/**/*.eml``)."""
     return sorted(Path(p) for p in glob.glob(str(FIXTURES / "**" / "*.eml"), recursive=True))
 
 

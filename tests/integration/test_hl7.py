@@ -164,7 +164,7 @@ async def assert_fixture_entities(env) -> None:
 async def test_every_fixture_over_mllp(env, redis_client):
     names = all_fixture_names()
     if not names:
-        pytest.skip("fixtures not available")
+        pytest.fail("fixtures not available (fixtures/ in the repository)")
     assert set(names) == set(FIXTURE_ACKS)
     h, port = await env.listener({"case_creation": "background"})
     iface = (await h.ready.remote())["name"]
@@ -188,7 +188,7 @@ async def test_every_fixture_over_mllp(env, redis_client):
 async def test_every_fixture_through_the_file_drop(env, tmp_path):
     names = all_fixture_names()
     if not names:
-        pytest.skip("fixtures not available")
+        pytest.fail("fixtures not available (fixtures/ in the repository)")
     drop, archive = tmp_path / "in", tmp_path / "archive"
     await env.listener({"transport": "file", "case_creation": "background",
                         "file": {"directory": str(drop), "wildcard": "*.hl7", "archive_directory": str(archive)}},

@@ -34,7 +34,7 @@ from protocols.hl7 import (
 from protocols.hl7.er7 import DEFAULT_ENCODING, escape, unescape
 from tests.unit.fuzz._fuzz import fuzz, mutated, tried
 
-FIXTURES = Path("/work/shared/fixtures/hl7v2")
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "hl7v2"
 
 
 @lru_cache(maxsize=1)

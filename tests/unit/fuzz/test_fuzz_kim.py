@@ -26,7 +26,7 @@ from protocols.kim.procedures import classify
 from protocols.kim.roadmap import peek_procedure
 from tests.unit.fuzz._fuzz import fuzz, mutated, text_mutations, tried
 
-FIXTURES = Path("/work/shared/fixtures/kim")
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "kim"
 #: a catch-all names the exception class in its reason: "(TypeError)". Input errors of the
 #: libraries below (ValueError, ParseError, UnicodeError, ...) are fine; these are bugs:
 _SWALLOWED = re.compile(r"\((TypeError|AttributeError|KeyError|IndexError|NameError|AssertionError|"

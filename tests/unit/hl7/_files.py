@@ -1,4 +1,4 @@
-"""Helpers for the HL7 unit tests: the shared fixture files (``../shared/fixtures/hl7v2``)."""
+"""Helpers for the HL7 unit tests: the fixture files (``fixtures/hl7v2``, licences in fixtures/SOURCES.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-FIXTURES = Path(os.environ.get("AUTOMAT_HL7_FIXTURES", REPO.parent / "shared" / "fixtures" / "hl7v2"))
+FIXTURES = Path(os.environ.get("AUTOMAT_HL7_FIXTURES", REPO / "fixtures" / "hl7v2"))
 
 
 def fixture_bytes(name: str) -> bytes:
     """``name`` like ``"ipf/sap-ish_adt_a01_v25.hl7"``."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"fixture {path} not available")
+        pytest.fail(f"fixture {path} not available")
     return path.read_bytes()
 
 

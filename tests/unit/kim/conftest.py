@@ -10,20 +10,19 @@ import pytest
 from protocols.kim.generator import MailGenerator, make_pki
 
 
-def _shared() -> Path:
-    env = os.environ.get("AUTOMAT_SHARED_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[4] / "shared"
+def _fixtures() -> Path:
+    """The repository's ``fixtures/`` (real public samples, licences in SOURCES.md)."""
+    env = os.environ.get("AUTOMAT_FIXTURES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "fixtures"
 
 
-KIM_FIXTURES = _shared() / "fixtures" / "kim"
+KIM_FIXTURES = _fixtures() / "kim"
 
 
 @pytest.fixture(scope="session")
 def kim_fixtures() -> Path:
     if not KIM_FIXTURES.is_dir():
-        pytest.skip(f"KIM fixtures not found at {KIM_FIXTURES}")
+        pytest.fail(f"KIM fixtures not found at {KIM_FIXTURES}")
     return KIM_FIXTURES
 
 

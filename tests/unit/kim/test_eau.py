@@ -116,7 +116,7 @@ def test_faulty_examples_are_error_answers(kim_fixtures):
 def eau_xml() -> str:
     paths = fixture_files("eau/Beispiel_1-eAU_ERST_GKV.xml")
     if not paths:
-        pytest.skip("fixtures missing")
+        pytest.fail("fixtures missing (fixtures/ in the repository)")
     return paths[0].read_text(encoding="utf-8")
 
 

@@ -84,7 +84,7 @@ def test_wrong_payloads(kim_fixtures):
 def test_fixture_fehler_attachment_parses():
     path = fixture_files("extracted/eeb-fehler.attachment.xml")
     if not path:
-        pytest.skip("fixtures missing")
+        pytest.fail("fixtures missing (fixtures/ in the repository)")
     f = parse_fehler_nachricht(path[0].read_bytes())
     assert (f.code, f.severity) == ("101", "fatal")
     assert f.message_id == "561160987.8.1671194866195@localhost"

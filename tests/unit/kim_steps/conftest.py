@@ -11,12 +11,12 @@ from actors.kim.ports import make_memory_ports
 from protocols.kim.generator import MailGenerator, make_pki
 
 
-def _shared() -> Path:
-    env = os.environ.get("AUTOMAT_SHARED_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[4] / "shared"
+def _fixtures() -> Path:
+    env = os.environ.get("AUTOMAT_FIXTURES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "fixtures"
 
 
-KIM_FIXTURES = _shared() / "fixtures" / "kim"
+KIM_FIXTURES = _fixtures() / "kim"
 SEED = 7
 
 
