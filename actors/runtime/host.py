@@ -101,6 +101,10 @@ class ShardHost(Supervised):
         self._load_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._inflight_timers: set[str] = set()
+        # timers whose firing was committed, by the poll round it happened in: a poll that
+        # read a timer before that commit must not fire it again
+        self._timer_round = 0
+        self._fired_in_round: dict[str, int] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._router = None
@@ -782,6 +786,7 @@ class ShardHost(Supervised):
             metrics.DEAD_LETTERS.inc(len(dead), kind=self.kind.name)
         for tm in fired:
             self._inflight_timers.discard(tm)
+            self._fired_in_round[tm] = self._timer_round
         self.stats_counters["timers_fired"] += len(fired)
         for kind, key, msg in effects.tells:
             await self._tell(kind, key, msg)
@@ -904,14 +909,18 @@ class ShardHost(Supervised):
         while True:
             await asyncio.sleep(period)
             shards = sorted(self._active) if self._gated else self.my_shards
+            self._timer_round += 1
+            started = self._timer_round
+            if self._fired_in_round:  # what this round may still have read is from the last one
+                self._fired_in_round = {m: r for m, r in self._fired_in_round.items() if r >= started - 1}
             try:
                 due = await self.store.due_timers(self.kind.name, shards, self._clock())
             except Exception as e:
                 log.warning("timer poll failed: %s", e)
                 continue
             for shard, member, payload in due:
-                if member in self._inflight_timers:
-                    continue
+                if member in self._inflight_timers or self._fired_in_round.get(member, -1) >= started:
+                    continue  # in flight, or fired and committed while this poll read it
                 key, name = split_timer_member(member)
                 try:
                     msg = decode_message(payload) if payload else None

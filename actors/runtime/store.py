@@ -174,13 +174,19 @@ class EntityStore:
         wanted = [(s, m) for s, ms in zip(shards, found) for m in ms]
         if not wanted:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        # payload and membership read together: a timer handled (and removed) by a commit
+        # between the two reads is gone, not "payload missing"
+        pipe = self.redis.pipeline(transaction=True)
         for s, m in wanted:
             pipe.hget(timer_payloads(kind, s), m)
-        payloads = await pipe.execute()
+            pipe.zscore(timer_zset(kind, s), m)
+        res = await pipe.execute()
         out = []
-        for (s, m), p in zip(wanted, payloads):
-            out.append((s, m.decode() if isinstance(m, bytes) else m, p))
+        for i, (s, m) in enumerate(wanted):
+            payload, score = res[2 * i], res[2 * i + 1]
+            if score is None:  # removed meanwhile (fired and committed, or cancelled)
+                continue
+            out.append((s, m.decode() if isinstance(m, bytes) else m, payload))
         return out
 
     async def drop_timer(self, kind: str, shard: int, member: str) -> None:

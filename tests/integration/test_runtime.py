@@ -274,3 +274,43 @@ async def test_starting_hosts_again_keeps_the_running_ones_alive(cfg, stack, ray
         for i in range(2):
             for h in system._KEEP.pop(kind.host_name(i), []):
                 ray.kill(h)
+
+
+async def test_a_timer_removed_between_the_polls_two_reads_is_not_reported(cfg, stack, redis_client):
+    """Regression (``automat bench tss``: 351 false dead letters "timer payload missing"):
+    the poll read the due members, then a commit fired or cancelled a timer, then the poll
+    read the payloads - the removed timer came back without its payload."""
+    from actors.runtime.store import EntityStore, timer_member, timer_payloads, timer_zset
+
+    kind = f"t{uuid.uuid4().hex[:10]}.timers"
+    m_gone, m_kept = timer_member("a", "step"), timer_member("b", "step")
+    await redis_client.zadd(timer_zset(kind, 0), {m_gone: 1.0, m_kept: 1.0})
+    await redis_client.hset(timer_payloads(kind, 0), mapping={m_gone: b"x", m_kept: b"y"})
+
+    class RemovesAfterFirstRead:
+        """The store's Redis, where a commit lands right after the first pipeline ran."""
+
+        def __init__(self, r):
+            self.r, self.calls = r, 0
+
+        def pipeline(self, **kw):
+            outer, pipe = self, self.r.pipeline(**kw)
+            run = pipe.execute
+
+            async def execute(*a, **k):
+                res = await run(*a, **k)
+                outer.calls += 1
+                if outer.calls == 1:
+                    await outer.r.zrem(timer_zset(kind, 0), m_gone)
+                    await outer.r.hdel(timer_payloads(kind, 0), m_gone)
+                return res
+
+            pipe.execute = execute
+            return pipe
+
+        def register_script(self, src):
+            return self.r.register_script(src)
+
+    store = EntityStore(RemovesAfterFirstRead(redis_client))
+    due = await store.due_timers(kind, [0], now=2.0)
+    assert [(m, p) for _s, m, p in due] == [(m_kept, b"y")]
