@@ -931,7 +931,7 @@ class ShardHost(Supervised):
                     await self.redis.xadd("automat:deadletters", {
                         "kind": self.kind.name, "key": key, "type": f"<timer {name}>",
                         "reason": f"timer payload unreadable: {e}", "msg": payload or b"", "at": repr(time.time())})
-                    await self.store.drop_timer(self.kind.name, shard, member)
+                    await self.store.drop_timer(self.kind.name, shard, member, payload)  # unless re-armed meanwhile
                     continue
                 self._inflight_timers.add(member)
                 self._enqueue(key, msg, None, member)

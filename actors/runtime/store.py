@@ -86,6 +86,14 @@ class CommitRecord:
     dead_letters: list[tuple[str, str, str]] = field(default_factory=list)  # type, reason, encoded msg
 
 
+_DROP_TIMER_LUA = """
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[3] == '1' and cur ~= ARGV[2] then return 0 end
+if ARGV[3] == '2' and cur then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
 _COMMIT_LUA = """
 local outbox = ARGV[1]
 local dlq = ARGV[2]
@@ -189,11 +197,15 @@ class EntityStore:
             out.append((s, m.decode() if isinstance(m, bytes) else m, payload))
         return out
 
-    async def drop_timer(self, kind: str, shard: int, member: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(timer_zset(kind, shard), member)
-        pipe.hdel(timer_payloads(kind, shard), member)
-        await pipe.execute()
+    async def drop_timer(self, kind: str, shard: int, member: str, payload: bytes | None | bool = True) -> bool:
+        """Remove a timer. ``payload`` bytes: only if it still holds them; None: only if it
+        still has none; True: unconditionally. So a timer re-armed under the same name
+        meanwhile is kept. True if removed."""
+        mode = "0" if payload is True else ("2" if payload is None else "1")
+        arg = payload if isinstance(payload, bytes) else b""
+        n = await self.redis.eval(_DROP_TIMER_LUA, 2, timer_zset(kind, shard), timer_payloads(kind, shard),
+                                  member, arg, mode)
+        return bool(n)
 
     async def quarantine(self, kind: str, key: str, raw: bytes | None, reason: str) -> None:
         await self.redis.hset(

@@ -314,3 +314,22 @@ async def test_a_timer_removed_between_the_polls_two_reads_is_not_reported(cfg, 
     store = EntityStore(RemovesAfterFirstRead(redis_client))
     due = await store.due_timers(kind, [0], now=2.0)
     assert [(m, p) for _s, m, p in due] == [(m_kept, b"y")]
+
+
+async def test_dropping_an_unreadable_timer_keeps_one_rearmed_under_its_name(redis_client, stack):
+    """An unreadable timer is dropped only if it is still the one that was read: a timer
+    the entity set again under the same name meanwhile stays (before, the bench's
+    practices lost their re-armed "poll" timer this way and never polled again)."""
+    from actors.runtime.store import EntityStore, timer_member, timer_payloads, timer_zset
+
+    kind = f"t{uuid.uuid4().hex[:10]}.timers"
+    m = timer_member("a", "poll")
+    store = EntityStore(redis_client)
+    await redis_client.zadd(timer_zset(kind, 0), {m: 5.0})
+    await redis_client.hset(timer_payloads(kind, 0), m, b"new")
+    assert not await store.drop_timer(kind, 0, m, b"old")  # re-armed: kept
+    assert not await store.drop_timer(kind, 0, m, None)  # has a payload now: kept
+    assert await redis_client.zscore(timer_zset(kind, 0), m) == 5.0
+    assert await store.drop_timer(kind, 0, m, b"new")
+    assert await redis_client.zscore(timer_zset(kind, 0), m) is None
+    assert await redis_client.hget(timer_payloads(kind, 0), m) is None
