@@ -88,6 +88,8 @@ async def _bench_runtime(cfg, messages: int, entities: int, hosts: int, asks: in
         "counted": total,
         "lost_or_duplicated": total - sent,
         "commit_batches": sum(s["commit_batches"] for s in stats),
+        "early_batches": sum(s.get("early_batches", 0) for s in stats),  # Ray started them before a predecessor
+        "order_gaps": sum(s.get("order_gaps", 0) for s in stats),  # a predecessor never came in order_wait_s
         "commits": sum(s["commits"] for s in stats),
     }
 
