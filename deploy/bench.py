@@ -109,17 +109,16 @@ def bench_runtime(
     from deploy.cli import get_config
 
     cfg = get_config(ctx)
-    if cfg.local_stack:
-        from deploy.stack import LocalStack
-
-        LocalStack(cfg).up()
     import ray
 
-    start_ray(cfg, dashboard=False)
-    try:
-        res = asyncio.run(_bench_runtime(cfg, messages, entities, hosts, asks, senders))
-    finally:
-        ray.shutdown()
+    from deploy.stack import bench_lease
+
+    with bench_lease(cfg, "automat bench runtime"):  # the stack stays up only if it was up before
+        start_ray(cfg, dashboard=False)
+        try:
+            res = asyncio.run(_bench_runtime(cfg, messages, entities, hosts, asks, senders))
+        finally:
+            ray.shutdown()
     t = Table(title="automat bench runtime", show_header=True)
     t.add_column("measure")
     t.add_column("value", justify="right")

@@ -1029,3 +1029,14 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     return True
+
+
+def bench_lease(cfg, owner: str):
+    """For commands that need the local stack for a while (benches): a lease on it when
+    ``cfg.local_stack`` (started if needed, stopped afterwards if this lease started it and
+    nobody else uses it), else nothing. Use as a context manager."""
+    import contextlib
+
+    if not getattr(cfg, "local_stack", False):
+        return contextlib.nullcontext()
+    return LocalStack(cfg).shared(owner=owner)

@@ -359,12 +359,14 @@ def bench_efa(
     from deploy.app import start_ray
 
     cfg = _cfg(ctx)
-    if cfg.local_stack:
-        from deploy.stack import LocalStack
+    import contextlib
 
-        LocalStack(cfg).up()
     import ray
 
+    from deploy.stack import bench_lease
+
+    lease = contextlib.ExitStack()
+    lease.enter_context(bench_lease(cfg, "automat bench efa"))  # stopped afterwards if it started it
     os.environ.pop("RAY_ADDRESS", None)
     start_ray(cfg, dashboard=False)
     try:
@@ -377,6 +379,7 @@ def bench_efa(
         except Exception:
             pass
         ray.shutdown()
+        lease.close()
     t = Table(title="automat bench efa")
     t.add_column("measure")
     t.add_column("value", justify="right")

@@ -212,10 +212,12 @@ def bench_moped(
     from deploy.cli import get_config
 
     cfg = get_config(ctx)
-    if cfg.local_stack:
-        from deploy.stack import LocalStack
+    import contextlib
 
-        LocalStack(cfg).up()
+    from deploy.stack import bench_lease
+
+    lease = contextlib.ExitStack()
+    lease.enter_context(bench_lease(cfg, "automat bench moped"))  # stopped afterwards if it started it
     import ray
     import redis.asyncio as aioredis
     from ray import serve
@@ -250,6 +252,7 @@ def bench_moped(
             serve.shutdown()
         finally:
             ray.shutdown()
+            lease.close()
     t = Table(title="automat bench moped", show_header=True)
     t.add_column("measure")
     t.add_column("value", justify="right")
