@@ -15,7 +15,6 @@ automat hl7 bench                       messages/s over 1 and 10 MLLP connection
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -257,14 +256,11 @@ def bench_hl7(
     from deploy.app import start_ray
 
     cfg = _cfg(ctx)
-    lease = contextlib.nullcontext()
-    if cfg.local_stack:  # a lease: a test session that ends meanwhile does not stop the stack under us
-        from deploy.stack import LocalStack
-
-        lease = LocalStack(cfg).shared(owner="automat bench hl7")
     import ray
 
-    with lease:
+    from deploy.stack import bench_lease
+
+    with bench_lease(cfg, "automat bench hl7"):  # a test session that ends meanwhile does not stop the stack under us
         start_ray(cfg, dashboard=False)
         try:
             res = asyncio.run(_bench(cfg, messages, validate))

@@ -17,7 +17,6 @@ Prints the times and rates; exit code 1 if any store differs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -141,14 +140,11 @@ def bench_tss(
     from deploy.cli import get_config
 
     cfg = get_config(ctx)
-    lease = contextlib.nullcontext()
-    if cfg.local_stack:  # a lease: a test session that ends meanwhile does not stop the stack under us
-        from deploy.stack import LocalStack
-
-        lease = LocalStack(cfg).shared(owner="automat bench tss")
     import ray
 
-    with lease:
+    from deploy.stack import bench_lease
+
+    with bench_lease(cfg, "automat bench tss"):  # a test session that ends meanwhile does not stop the stack under us
         start_ray(cfg, dashboard=False)
         try:
             res = asyncio.run(run_bench(cfg, practices, rounds, changes_per_practice, hosts, page_size, timeout_s))
