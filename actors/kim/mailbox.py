@@ -15,8 +15,8 @@ fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is syn
 
 Admission control (backpressure): a mailbox actor keeps at most
 ``kim.max_in_flight / kim.fetchers`` of its mails in flight (slip created, not terminal);
-beyond that - or while its oldest mail in flight (not waiting for a retry) has been under
-way for half ``kim.step_timeout_s``, a sign that step orders queue up - it leaves new
+beyond that - or while a tenth of that many mails in flight (not waiting for a retry) have
+been under way for half ``kim.step_timeout_s``, a sign that step orders queue up - it leaves new
 mails in their INBOX until older ones are terminal (checked in Redis with one small
 script: only the status of each slip crosses the wire). So a flood
 of mails never becomes a queue of step orders longer than the watchdog allows.
@@ -114,6 +114,7 @@ class MailboxFetcher(Supervised):
         self._since: dict[str, float] = {}  # mail id -> when its slip was created (monotonic)
         self._retrying: set[str] = set()
         self._max_age = max(5.0, cfg.kim.step_timeout_s * 0.5)
+        self._congest_n = max(1, self._limit // 10)
         self.waited_s = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -225,13 +226,22 @@ class MailboxFetcher(Supervised):
         self.waited_s += time.monotonic() - t0
 
     def _congested(self) -> bool:
-        """The oldest mail in flight (not waiting for a retry) has been under way for half
-        a step timeout: orders queue up - take no new mails until it moved on."""
+        """A tenth of the limit (at least one) of the mails in flight - not waiting for a
+        retry - have been under way for half a step timeout: orders queue up, take no new
+        mails until they moved on. A few old mails alone are not congestion: their orders
+        were lost with a crashed worker host and wait for the slip's watchdog (minutes for a
+        fused segment) - they must not stop the intake of every other mail meanwhile
+        (chaos run: one worker-host kill held all mailboxes for minutes)."""
         now = time.monotonic()
-        for m in self._inflight:
+        old = 0
+        for m in self._inflight:  # oldest first
             if m in self._retrying:
                 continue
-            return now - self._since.get(m, now) > self._max_age
+            if now - self._since.get(m, now) <= self._max_age:
+                break  # the rest are younger
+            old += 1
+            if old >= self._congest_n:
+                return True
         return False
 
     async def _prune(self, window: int = 500) -> None:

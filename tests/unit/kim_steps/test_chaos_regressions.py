@@ -112,3 +112,36 @@ async def test_mailbox_keeps_the_blob_when_its_own_receive_was_resent(tmp_path, 
     ref = slip.state.blobs["raw"]
     assert client.moved == [7] and slip.state.status != "new"
     assert f.blobs.get(ref) == raw  # the claim check the slip holds is still there
+
+
+def test_a_few_mails_with_lost_orders_do_not_stop_the_mailbox_intake():
+    """Chaos run (a worker host SIGKILLed): the orders it held were lost, their ~20 slips
+    waited for the watchdog (step_timeout_s per 4 fused steps: minutes), and because the
+    oldest mail in flight was "too old", every mailbox took no new mail until then - the
+    intake stood still for minutes while nothing was queued. Congestion now needs a tenth
+    of the in-flight limit to be old; a real queue (many old mails) still holds the intake."""
+    from actors.kim.mailbox import MailboxFetcher
+    from actors.runtime.config import AutomatConfig
+
+    cfg = AutomatConfig()
+    cfg.kim.max_in_flight, cfg.kim.fetchers = 500, 2
+    mb = MailboxFetcher(cfg, 0)
+    assert mb._limit == 250
+    now = time.monotonic()
+
+    def in_flight(old: int, young: int) -> None:
+        mb._inflight.clear()
+        mb._since.clear()
+        for i in range(old):
+            mb._inflight.append(f"o{i}")
+            mb._since[f"o{i}"] = now - 10 * mb._max_age
+        for i in range(young):
+            mb._inflight.append(f"y{i}")
+            mb._since[f"y{i}"] = now
+
+    in_flight(old=20, young=100)  # orders lost with a crashed worker host
+    assert not mb._congested()
+    in_flight(old=60, young=100)  # orders queue up
+    assert mb._congested()
+    mb._retrying = {f"o{i}" for i in range(60)}  # waiting for a retry is not congestion
+    assert not mb._congested()
