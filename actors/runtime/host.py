@@ -906,6 +906,15 @@ class ShardHost(Supervised):
     async def _timer_loop(self) -> None:
         period = self.cfg.runtime.timer_poll_ms / 1000.0
         await self._init_map()
+        if self.kind.restart_timers:  # what the previous incarnation may have lost: now
+            shards = sorted(self._active) if self._gated else self.my_shards
+            try:
+                n = await self.store.advance_timers(self.kind.name, shards, self.kind.restart_timers, self._clock())
+                if n:
+                    log.warning("%s host %d started: %d %s timer(s) fire now", self.kind.name, self.index, n,
+                                "/".join(self.kind.restart_timers))
+            except Exception as e:
+                log.warning("advancing restart timers failed: %s", e)
         while True:
             await asyncio.sleep(period)
             shards = sorted(self._active) if self._gated else self.my_shards

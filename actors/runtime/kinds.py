@@ -32,6 +32,9 @@ class EntityKind(BaseModel):
     #: no stored state (e.g. a pool of step workers keyed by mail id): nothing is loaded
     #: or written but the effects (events, timers, dead letters); tells go after those
     stateless: bool = False
+    #: timers fired at once when a host starts: e.g. a watchdog for work whose message may
+    #: have died with the previous incarnation (sent after the commit, not yet flushed)
+    restart_timers: list[str] = Field(default_factory=list)
 
     def host_count(self, cfg) -> int:
         return self.hosts or cfg.runtime.hosts_per_kind

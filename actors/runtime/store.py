@@ -94,6 +94,23 @@ redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
 
+_ADVANCE_TIMERS_LUA = """
+local n = 0
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local suffix = ARGV[i]
+  for _, zkey in ipairs(KEYS) do
+    local ms = redis.call('ZRANGEBYSCORE', zkey, now, '+inf')
+    for _, m in ipairs(ms) do
+      if string.sub(m, -#suffix) == suffix then
+        redis.call('ZADD', zkey, 'XX', now, m); n = n + 1
+      end
+    end
+  end
+end
+return n
+"""
+
 _COMMIT_LUA = """
 local outbox = ARGV[1]
 local dlq = ARGV[2]
@@ -206,6 +223,18 @@ class EntityStore:
         n = await self.redis.eval(_DROP_TIMER_LUA, 2, timer_zset(kind, shard), timer_payloads(kind, shard),
                                   member, arg, mode)
         return bool(n)
+
+    async def advance_timers(self, kind: str, shards: list[int], names: list[str], now: float) -> int:
+        """Make the timers called ``names`` on ``shards`` due at ``now`` (those due later);
+        returns how many. For work a previous host incarnation may have lost."""
+        if not names or not shards:
+            return 0
+        n = 0
+        for i in range(0, len(shards), 16):
+            keys = [timer_zset(kind, s) for s in shards[i:i + 16]]
+            n += int(await self.redis.eval(_ADVANCE_TIMERS_LUA, len(keys), *keys, repr(now),
+                                           *[f"\x1f{nm}" for nm in names]))
+        return n
 
     async def quarantine(self, kind: str, key: str, raw: bytes | None, reason: str) -> None:
         await self.redis.hset(
