@@ -53,6 +53,7 @@ LOADTEST_USERS = tuple(f"load{i:02d}" for i in range(1, 101))
 IMAP_USERS = tuple(f"kasse{i:02d}" for i in range(1, 21)) + ("demo",) + LOADTEST_USERS
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
+RESTART_PORT_WAIT_S = 60.0  # restart(): how long a killed service may hold its ports
 _LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -536,6 +537,12 @@ class LocalStack:
                 self._kill_locked(svc)
             else:
                 self._stop_one(svc)
+            # on a loaded machine a SIGKILLed process can take longer than STOP_TIMEOUT_S to
+            # go (chaos run at load ~60: Redis still held its port, the new one could not
+            # bind and the stack stayed without Redis): wait for the ports, then start
+            deadline = time.monotonic() + RESTART_PORT_WAIT_S
+            while time.monotonic() < deadline and not all(_port_free(svc.host, p) for p in svc.ports):
+                time.sleep(0.1)
             self._start_one(svc)
         return time.monotonic() - t0
 

@@ -274,3 +274,44 @@ def test_ray_session_workers_import_this_checkout(ray_session, cfg):
     assert Path(run_dir) == cfg.run_dir
     assert ray_session.get_runtime_context().namespace == cfg.runtime.namespace
     ray_session.kill(probe)
+
+
+def test_restart_waits_for_a_killed_service_to_free_its_port(cfg):
+    """Regression (chaos run at load ~60): a SIGKILLed Redis still held its port when the
+    new one started; it could not bind, and the chaos stack stayed without Redis. A restart
+    now waits until the ports are free (here: something holds the port for 1.5 s)."""
+    import threading
+
+    import redis as redis_sync
+
+    from deploy.chaos.stack import chaos_config
+    from deploy.stack import LocalStack
+
+    run_dir = cfg.run_dir / f"restart-test-{time.monotonic_ns()}"  # Dovecot must reach it
+    c = chaos_config(cfg, run_dir=run_dir, port_base=28000)
+    st = LocalStack(c)
+    st.up()
+    try:
+        kill = st._kill_locked
+
+        def kill_then_hold_the_port(svc):
+            out = kill(svc)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for _ in range(200):
+                try:
+                    s.bind(("127.0.0.1", svc.ports[0]))
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            s.listen()
+            threading.Timer(1.5, s.close).start()
+            return out
+
+        st._kill_locked = kill_then_hold_the_port
+        took = st.restart("redis")
+        assert took >= 1.0
+        assert redis_sync.Redis.from_url(c.redis.url).ping()
+    finally:
+        st.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
