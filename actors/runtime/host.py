@@ -289,11 +289,11 @@ class ShardHost(Supervised):
                 t.early.pop(seq, None)
         if seq >= t.due:
             t.due = seq + 1
-        # wake who is due now, oldest first (they run after this batch has enqueued)
-        for s in sorted(k for k in t.early if k <= t.due):
-            f = t.early.pop(s)
-            if not f.done():
-                f.set_result(None)
+        if t.early:  # wake who is due now, oldest first (they run after this batch has enqueued)
+            for s in sorted(k for k in t.early if k <= t.due):
+                f = t.early.pop(s)
+                if not f.done():
+                    f.set_result(None)
 
     def _forget_idle_senders(self) -> None:
         cutoff = time.monotonic() - 600
