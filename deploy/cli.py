@@ -13,6 +13,7 @@ the end of this file. Inside a command, get the configuration with ``get_config(
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -247,6 +248,12 @@ from deploy.scale import scale_app; app.add_typer(scale_app, name="scale")  # no
 
 def main() -> None:
     """Console-script entry point."""
+    # Ray >= 2.52 turns token auth on for a new local cluster unless told otherwise, and
+    # hands the workers our runtime_env (RAY_AUTH_MODE=disabled): they could not join it
+    # and `automat loadtest` run outside make waited for actors that never started.
+    # Production clusters set RAY_AUTH_MODE=token explicitly (deploy/k8s), which wins.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         app()
     except ConfigError as e:

@@ -27,7 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(1500)
 def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     out = tmp_path / "report"
-    env = {**os.environ, "AUTOMAT_RUN_DIR": str(cfg.run_dir)}
+    # as a load tester types it, outside make: no RAY_AUTH_MODE in the environment.
+    # Regression: Ray then turned token auth on for the local cluster while the workers
+    # were told "disabled" - no actor ever started and the run waited (`automat loadtest`
+    # hung after "Started a local Ray instance").
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["AUTOMAT_RUN_DIR"] = str(cfg.run_dir)
     cmd = [sys.executable, "-m", "deploy.cli", "loadtest", "--mails", str(N), "--mailboxes", "8",
            "--baseline-mails", "60", "--redis-db", "5", "--max-in-flight", "400", "--no-live", "--out", str(out), "--timeout", "1200",
            "--seed", "4242"]
