@@ -119,6 +119,10 @@ class KimConfig(_Section):
     done_folder: str = "Verarbeitet"
     fetch_batch: int = Field(100, ge=1, le=5000)
     idle_timeout_s: float = Field(10.0, gt=0)
+    # hot pick-up: NOOP-poll a mailbox that had mail within pickup_hot_s every pickup_poll_ms
+    # instead of IDLE (Dovecot notifies an IDLE client 500 ms late); 0 = IDLE only
+    pickup_poll_ms: float = Field(0.0, ge=0)
+    pickup_hot_s: float = Field(30.0, gt=0)
     step_timeout_s: float = Field(60.0, gt=0)  # watchdog: re-dispatch a step not answered
     retry_base_s: float = Field(1.0, ge=0)
     retry_max_s: float = Field(300.0, ge=0)

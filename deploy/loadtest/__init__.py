@@ -32,6 +32,9 @@ def loadtest_cmd(
                                            "per step; default: kim.fuse_max)"),
     max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", help="admission control: mails in flight "
                                                 "(received, not terminal) at most; default: kim.max_in_flight"),
+    pickup_poll_ms: Optional[float] = typer.Option(None, "--pickup-poll-ms", help="hot pick-up: NOOP-poll a mailbox "
+                                                   "that had mail in the last kim.pickup_hot_s every N ms instead of "
+                                                   "IDLE (Dovecot notifies IDLE 500 ms late); default: kim.pickup_poll_ms"),
     redis_db: Optional[int] = typer.Option(None, "--redis-db", help="run in this Redis database (emptied at the end); "
                                            "default: the configured one (only this run's slips are read)"),
     timeout: float = typer.Option(3600.0, "--timeout", help="give up waiting after this many seconds"),
@@ -52,7 +55,7 @@ def loadtest_cmd(
     console = Console()
     opt = Options(mails=mails, rate=rate, mailboxes=mailboxes, mix=mix, faults=faults, out=out, seed=seed,
                   baselines=baselines, baseline_mails=baseline_mails, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
-                  fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, redis_db=redis_db, timeout_s=timeout, keep=keep, live=live,
+                  fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms, redis_db=redis_db, timeout_s=timeout, keep=keep, live=live,
                   profile=profile)
     try:
         r = asyncio.run(run_loadtest(cfg, opt, console))

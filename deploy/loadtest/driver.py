@@ -57,12 +57,53 @@ class Options:
     fetchers: int = 2
     fuse_max: int | None = None
     max_in_flight: int | None = None
+    pickup_poll_ms: float | None = None  # kim.pickup_poll_ms: NOOP-poll hot mailboxes instead of IDLE
     redis_db: int | None = None
     timeout_s: float = 3600.0
     stall_s: float = 180.0
     keep: bool = False
     live: bool = True
     profile: bool = False  # py-spy the worker hosts for 30 s mid-run
+
+
+class MailboxLock:
+    """One load test at a time on a stack's loadtest mailboxes (``load01``...): a second
+    run would empty the first one's INBOXes at its start and its ledger would show them
+    as lost (found when the CI smoke run was started beside a 240k run). An ``flock`` on
+    ``<run_dir>/loadtest/mailboxes.lock``: the kernel releases it when the holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"another load test is running on this stack's loadtest mailboxes ({holder}); "
+                             f"wait for it, or run this one against another stack (AUTOMAT_RUN_DIR + ports)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "MailboxLock":
+        if self._fd is None:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def run_config(cfg, opt: Options, run_id: str):
@@ -79,6 +120,8 @@ def run_config(cfg, opt: Options, run_id: str):
         c.kim.fuse_max = opt.fuse_max
     if opt.max_in_flight is not None:
         c.kim.max_in_flight = opt.max_in_flight
+    if opt.pickup_poll_ms is not None:
+        c.kim.pickup_poll_ms = opt.pickup_poll_ms
     c.kafka.topic_prefix = f"{cfg.kafka.topic_prefix}lt{run_id}."
     c.runtime.namespace = f"automat-lt-{run_id}"
     if opt.redis_db is not None:
@@ -350,6 +393,7 @@ async def run_loadtest(cfg, opt: Options, console) -> dict:
 
     import contextlib
 
+    mailbox_lock = MailboxLock(Path(cfg.run_dir) / "loadtest" / "mailboxes.lock")
     lease = contextlib.nullcontext()
     stack = None
     if lcfg.local_stack:
@@ -357,7 +401,7 @@ async def run_loadtest(cfg, opt: Options, console) -> dict:
 
         stack = LocalStack(cfg)
         lease = stack.shared(owner=f"automat loadtest {run_id}")
-    with lease:
+    with mailbox_lock, lease:
         if stack is not None and stack.ensure_imap_users():
             await asyncio.sleep(0.5)
         redis = aioredis.from_url(lcfg.redis.url)
@@ -432,6 +476,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
     from supervisors.supervisor import start_root, stop_root
 
     users = [b.user for b in lcfg.kim.mailboxes]
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the workers get it (ray_env)
     for attempt in range(5):  # Ray gives a local node 30 s to come up; a busy machine may need more
         try:
             if os.environ.get("RAY_ADDRESS"):
@@ -580,7 +625,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         "mix": {p.value: round(w, 4) for p, w in mix.items()},
         "pipeline": {"slip_hosts": lcfg.kim.slip_hosts, "worker_hosts": lcfg.kim.worker_hosts,
                      "fetchers": lcfg.kim.fetchers, "fuse_max": lcfg.kim.fuse_max, "num_shards": lcfg.runtime.num_shards,
-                     "max_in_flight": lcfg.kim.max_in_flight},
+                     "max_in_flight": lcfg.kim.max_in_flight, "pickup_poll_ms": lcfg.kim.pickup_poll_ms},
         "machine": {"cores": os.cpu_count(), "memory_gib": _mem_gib(), "loadavg_end": _loadavg()},
         "generator": gen_stats,
         "throughput": {"seconds": round(span, 2), "mails_per_s": mails_per_s,

@@ -39,7 +39,8 @@ def markdown(r: dict) -> str:
         f"{r['mode']} mode, {r['mails']} mails ({r['mix_text']}; faulty share {r['fault_rate']:.0%}) over "
         f"{r['mailboxes']} mailboxes; pipeline: {r['pipeline']['slip_hosts']} slip hosts, "
         f"{r['pipeline']['worker_hosts']} worker hosts, {r['pipeline']['fetchers']} mailbox actors, "
-        f"fuse_max={r['pipeline']['fuse_max']}, max_in_flight={r['pipeline'].get('max_in_flight')}.",
+        f"fuse_max={r['pipeline']['fuse_max']}, max_in_flight={r['pipeline'].get('max_in_flight')}"
+        + (f", pickup_poll_ms={r['pipeline']['pickup_poll_ms']:g}" if r['pipeline'].get('pickup_poll_ms') else "") + ".",
         f"Machine: {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB, load average at start "
         f"{r['machine']['loadavg_start']}, at end {r['machine']['loadavg_end']}.",
         "",
