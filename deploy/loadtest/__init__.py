@@ -32,7 +32,7 @@ def loadtest_cmd(
                                            "per step; default: kim.fuse_max)"),
     max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", help="admission control: mails in flight "
                                                 "(received, not terminal) at most; default: kim.max_in_flight"),
-    pickup_poll_ms: Optional[float] = typer.Option(None, "--pickup-poll-ms", help="hot pick-up: NOOP-poll a mailbox "
+    pickup_poll_ms: Optional[float] = typer.Option(None, "--pickup-poll-ms", min=0, help="hot pick-up: NOOP-poll a mailbox "
                                                    "that had mail in the last kim.pickup_hot_s every N ms instead of "
                                                    "IDLE (Dovecot notifies IDLE 500 ms late); default: kim.pickup_poll_ms"),
     redis_db: Optional[int] = typer.Option(None, "--redis-db", help="run in this Redis database (emptied at the end); "
