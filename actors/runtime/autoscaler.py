@@ -15,6 +15,12 @@ other kind — and
 - grows by asking the owning supervisor for one more host child
   (``Supervisor.add_child``), then hands shards over to it (``actors.runtime.rebalance``);
   shrinks by handing the highest host's shards to the others, then removing it;
+- does **not** grow while every node the pool runs on is CPU-saturated (each host reports
+  its node's CPU share, ``actors.runtime.nodecpu``; smoothed here; above
+  ``grow_max_node_busy``) and the cluster has no other node: more host processes on a
+  saturated node add Ray overhead and no CPU (the 240k load test grew ``kim.worker`` to 8
+  hosts on 2 cores). It records a ``hold`` event once per episode and asks Ray for a node;
+  growth resumes when a node has CPU left (or a new one joined);
 - asks Ray for capacity (``ray.autoscaler.sdk.request_resources``) when a new host does
   not fit on the nodes there are (hosts carry ``runtime.host_num_cpus``), so Ray's own
   autoscaler (cluster launcher / KubeRay) adds a worker node; the request is lowered
@@ -67,6 +73,8 @@ class _Pool:
         self.signal: dict[str, Any] = {}
         self.note = ""
         self.moving = False
+        self.node_busy: dict[str, float] = {}  # node id -> smoothed CPU share (hosts' reports)
+        self.holding = False  # a grow is held back: every node saturated
 
     @property
     def busy(self) -> bool:
@@ -235,9 +243,15 @@ class Autoscaler(Supervised):
         per_host = backlog / max(1, len(p.hosts))
         lat = max((x["lat_p95_ms"] for x in seen), default=0.0)
         lag = max((x["loop_lag_ms"] for x in seen), default=0.0)
+        for x in seen:
+            b, node = x.get("node_cpu_busy"), x.get("node") or ""
+            if b is not None:
+                old = p.node_busy.get(node)
+                p.node_busy[node] = b if old is None else 0.5 * old + 0.5 * b
         p.note = ""
         p.signal = {"backlog": backlog, "per_host": round(per_host, 1), "lat_p95_ms": lat,
-                    "loop_lag_ms": lag, "hosts_seen": len(seen)}
+                    "loop_lag_ms": lag, "hosts_seen": len(seen),
+                    "node_busy": {k[:8]: round(v, 2) for k, v in p.node_busy.items()}}
         metrics.POOL_HOSTS.set(len(p.hosts), kind=pol.kind)
         metrics.POOL_BACKLOG.set(backlog, kind=pol.kind)
         metrics.POOL_LATENCY.set(lat / 1000.0, kind=pol.kind)
@@ -261,8 +275,35 @@ class Autoscaler(Supervised):
             elif down and now - p.below_since >= pol.down_after_s and n > pol.min_hosts:
                 target = n - 1
                 reason = f"backlog {per_host:.1f}/host < {pol.down_backlog:g}, p95 {lat:.0f} ms for {pol.down_after_s:g} s"
+        if target > n and reason != "below min_hosts" and await self._saturated(p):
+            p.note = f"grow held: every node busy >= {pol.grow_max_node_busy:.0%} ({reason})"
+            if not p.holding:
+                p.holding = True
+                self._event(p, "hold", hosts_before=n, wanted=target, reason=p.note,
+                            signal=dict(p.signal))
+                await self._capacity(p, target - n, force=True)
+            return
+        if p.holding and not up:
+            p.holding = False
         if target != n:
+            p.holding = False
             p.action = asyncio.get_running_loop().create_task(self._resize(p, target, reason))
+
+    async def _saturated(self, p: _Pool) -> bool:
+        """True if every node this pool's hosts run on is CPU-saturated and the cluster has
+        no node without one of them (such a node may have room)."""
+        lim = p.policy.grow_max_node_busy
+        if lim >= 1.0 or not p.node_busy:
+            return False
+        if any(b < lim for b in p.node_busy.values()):
+            return False
+        try:
+            import ray
+
+            alive = await asyncio.to_thread(lambda: [n["NodeID"] for n in ray.nodes() if n.get("Alive")])
+        except Exception:
+            return True
+        return not (set(alive) - set(p.node_busy))
 
     # ---- actions ----------------------------------------------------------------------------
 
@@ -283,15 +324,21 @@ class Autoscaler(Supervised):
         cpus = host_actor_options(p.kind, self.cfg).get("num_cpus") or 0
         return {"CPU": cpus} if cpus > 0 else {}
 
-    async def _capacity(self, p: _Pool, adding: int) -> None:
-        """Ask Ray for nodes when the hosts to add do not fit on the nodes there are."""
-        shape = self._shape(p)
+    async def _capacity(self, p: _Pool, adding: int, force: bool = False) -> None:
+        """Ask Ray for nodes when the hosts to add do not fit on the nodes there are
+        (``force``: they would fit, but the nodes' CPUs are saturated)."""
+        shape = self._shape(p) or ({"CPU": 1.0} if force else {})
         if not shape or not self.acfg.request_resources:
             return
         import ray
 
         avail = ray.available_resources().get("CPU", 0.0)
         need = shape["CPU"] * adding
+        if force:  # Ray's free CPUs are reservations, not what the node's cores have left
+            total = ray.cluster_resources().get("CPU", 0.0)
+            bundles = [{"CPU": 1.0}] * math.ceil(total + need)  # more than the cluster has: a node
+            await self._request(bundles, p, f"{adding} host(s) wanted, every node's CPU saturated")
+            return
         if avail + 1e-9 >= need:
             return
         bundles = []

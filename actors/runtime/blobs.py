@@ -83,6 +83,7 @@ _SYNCFS = _load_syncfs()
 class BlobStore:
     def __init__(self, root: str | Path, keyring: KeyRing, *, use_syncfs: bool = True):
         self.root = Path(root).resolve()
+        self._root_s = str(self.root)
         self.keyring = keyring
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._syncfs = _SYNCFS if use_syncfs else None
@@ -103,10 +104,9 @@ class BlobStore:
         m = _REF_RE.match(ref)
         if not m:
             raise ValueError(f"invalid blob ref {ref!r}: expected '<kind>/<2 hex>/<30 hex>'")
-        p = (self.root / m.group(1) / m.group(2) / m.group(3)).resolve()
-        if p.parent.parent.parent != self.root:  # belt and braces against traversal
-            raise ValueError(f"invalid blob ref {ref!r}: outside the store")
-        return p
+        # the pattern admits no '.', '/' or '..': a ref cannot leave the store (no
+        # Path.resolve() per access - 4 % of a KIM worker host's samples in the 240k run)
+        return Path(f"{self._root_s}/{m.group(1)}/{m.group(2)}/{m.group(3)}")
 
     # ---- write ----------------------------------------------------------------------
     def _write(self, path: Path, data: bytes, *, sync: bool = True) -> None:

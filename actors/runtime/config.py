@@ -151,6 +151,10 @@ class PoolPolicy(_Section):
     down_after_s: float = Field(20.0, ge=0)
     cooldown_s: float = Field(5.0, ge=0)  # after any change, before the next one
     step: int = Field(1, ge=1, le=64)  # at least this many hosts per grow (more when the backlog asks)
+    # no growth while every node of the pool is this busy (CPU share, smoothed): another
+    # host there adds processes, not CPU - the autoscaler asks Ray for a node instead.
+    # 1.0 turns the guard off.
+    grow_max_node_busy: float = Field(0.9, gt=0, le=1.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolPolicy":

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from actors.runtime import metrics
 from actors.runtime.entity import Effects, Entity, EntityContext
+from actors.runtime.nodecpu import CpuMeter
 from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
 from actors.runtime.shardmap import ShardMap, cluster_epoch, load_map, version_key
 from actors.runtime.store import (
@@ -138,6 +139,8 @@ class ShardHost(Supervised):
         self._inflight = 0
         self._lat: deque = deque(maxlen=4096)  # (end monotonic, seconds) per delivered batch
         self._lag = 0.0
+        self._cpu = CpuMeter()  # the node's CPU: may the autoscaler add a host here?
+        self._node: str | None = None
         self._turns: dict[str, _SenderTurn] = {}
         self._order_wait_s = cfg.runtime.order_wait_s
 
@@ -545,8 +548,16 @@ class ShardHost(Supervised):
             "lat_p50_ms": round(pct(0.5), 2), "lat_p95_ms": round(pct(0.95), 2),
             "loop_lag_ms": round(self._lag * 1000.0, 2), "active_entities": len(slots),
             "messages": self.stats_counters["messages"], "version": self._map.version,
-            "shards": len(self._active),
+            "shards": len(self._active), "node": self._node_id(), "node_cpu_busy": self._cpu.busy(),
         }
+
+    def _node_id(self) -> str:
+        if self._node is None:
+            try:
+                self._node = ray.get_runtime_context().get_node_id() or ""
+            except Exception:
+                self._node = ""
+        return self._node
 
     async def _map_loop(self) -> None:
         """Adopt newer maps by ourselves (the coordinator also tells us; this heals gaps)."""

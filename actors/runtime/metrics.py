@@ -10,6 +10,14 @@ only created (lazily, on the first record) inside an initialised Ray process —
 plain Python process they just count locally. A failure inside Ray's metric code is
 logged once and never reaches the caller.
 
+Export to Ray is deferred: a record only updates the local value and a pending delta;
+one daemon thread per process (``_Exporter``) hands the deltas to Ray every
+``EXPORT_INTERVAL_S`` (1 s) - a counter as one ``inc`` of its summed delta per tag set, a
+gauge as its last value, a histogram's observations one by one. Ray's own recording is slow
+on a busy host (its ``_record`` waits on the core worker's metric lock); in the KIM slip host
+it was 16 % of the samples when every step result recorded directly (py-spy, 240k run).
+``flush()`` exports everything pending now (tests, shutdown).
+
 Tags: keyword arguments matching the metric's tag keys, e.g.
 ``MESSAGES_HANDLED.inc(kind="mailbox")``, or Ray's style ``inc(1, tags={"kind": ...})``;
 tag values are converted to ``str``, missing ones become ``""``.
@@ -25,6 +33,7 @@ from typing import Any, Sequence
 
 __all__ = [
     "counter",
+    "flush",
     "gauge",
     "histogram",
     "Counter",
@@ -101,17 +110,39 @@ class _Metric:
                 log.warning("metric %s: cannot create the Ray metric (%s); counting locally", self.name, e)
         return self._ray
 
-    def _to_ray(self, method: str, value: float, tags: dict[str, str]) -> None:
+    def _pending_add(self, key: tuple[str, ...], value: float) -> None:  # override; under _mlock
+        raise NotImplementedError
+
+    def _to_ray(self, key: tuple[str, ...], value: float) -> None:
+        """Queue a record for Ray (called under ``_mlock``); the exporter sends it."""
+        if self._ray_failed or not _EXPORTER.active():
+            return  # a plain Python process: local values only, nothing to send
+        self._pending_add(key, value)
+        _EXPORTER.mark(self)
+
+    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:  # override
+        raise NotImplementedError
+
+    def _export(self) -> int:
+        """Send what is pending to Ray (the exporter thread). Returns the Ray calls made."""
+        with self._mlock:
+            calls = self._take_pending()
+        if not calls:
+            return 0
         m = self._ray_metric()
         if m is None:
-            return
+            return 0
+        done = 0
         try:
-            getattr(m, method)(value, tags=tags)
+            for method, key, value in calls:
+                getattr(m, method)(value, tags=dict(zip(self.tag_keys, key)))
+                done += 1
         except Exception as e:
             if not self._ray_failed:
                 log.warning("metric %s: recording failed (%s); counting locally from now on", self.name, e)
             self._ray_failed = True
             self._ray = None
+        return done
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, tags={self.tag_keys})"
@@ -123,6 +154,7 @@ class Counter(_Metric):
     def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
         super().__init__(name, description, tag_keys)
         self._values: dict[tuple[str, ...], float] = {}
+        self._pending: dict[tuple[str, ...], float] = {}
 
     def _make_ray(self) -> Any:
         from ray.util.metrics import Counter as RayCounter
@@ -139,7 +171,15 @@ class Counter(_Metric):
         with self._mlock:
             k = self._key(t)
             self._values[k] = self._values.get(k, 0.0) + value
-        self._to_ray("inc", value, t)
+            self._to_ray(k, value)
+
+    def _pending_add(self, key: tuple[str, ...], value: float) -> None:
+        self._pending[key] = self._pending.get(key, 0.0) + value
+
+    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:
+        out = [("inc", k, v) for k, v in self._pending.items()]
+        self._pending = {}
+        return out
 
     def value(self, **tags: Any) -> float:
         """The local total for these tags (all tags omitted → sum over everything)."""
@@ -160,6 +200,7 @@ class Gauge(_Metric):
     def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
         super().__init__(name, description, tag_keys)
         self._values: dict[tuple[str, ...], float] = {}
+        self._pending: dict[tuple[str, ...], float] = {}
 
     def _make_ray(self) -> Any:
         from ray.util.metrics import Gauge as RayGauge
@@ -169,8 +210,17 @@ class Gauge(_Metric):
     def set(self, value: float, tags: dict[str, Any] | None = None, **kw: Any) -> None:
         t = self._tags({**(tags or {}), **kw})
         with self._mlock:
-            self._values[self._key(t)] = float(value)
-        self._to_ray("set", float(value), t)
+            k = self._key(t)
+            self._values[k] = float(value)
+            self._to_ray(k, float(value))
+
+    def _pending_add(self, key: tuple[str, ...], value: float) -> None:
+        self._pending[key] = value  # a gauge exports its last value
+
+    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:
+        out = [("set", k, v) for k, v in self._pending.items()]
+        self._pending = {}
+        return out
 
     def value(self, **tags: Any) -> float | None:
         t = self._tags(tags)
@@ -193,6 +243,7 @@ class Histogram(_Metric):
         self.boundaries = b
         # per tag tuple: [count, sum, bucket counts (len(b)+1)]
         self._values: dict[tuple[str, ...], list[Any]] = {}
+        self._pending: list[tuple[tuple[str, ...], float]] = []
 
     def _make_ray(self) -> Any:
         from ray.util.metrics import Histogram as RayHistogram
@@ -207,7 +258,15 @@ class Histogram(_Metric):
             rec[0] += 1
             rec[1] += v
             rec[2][bisect.bisect_left(self.boundaries, v)] += 1
-        self._to_ray("observe", v, t)
+            self._to_ray(self._key(t), v)
+
+    def _pending_add(self, key: tuple[str, ...], value: float) -> None:
+        self._pending.append((key, value))
+
+    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:
+        out = [("observe", k, v) for k, v in self._pending]
+        self._pending = []
+        return out
 
     def count(self, **tags: Any) -> int:
         with self._mlock:
@@ -226,6 +285,64 @@ class Histogram(_Metric):
     def snapshot(self) -> dict[tuple[str, ...], dict[str, Any]]:
         with self._mlock:
             return {k: {"count": r[0], "sum": r[1], "buckets": list(r[2])} for k, r in self._values.items()}
+
+
+EXPORT_INTERVAL_S = 1.0
+
+
+class _Exporter:
+    """The process's one metric export thread: every ``EXPORT_INTERVAL_S`` it sends the
+    pending records of the metrics marked since the last round to Ray. Started on the
+    first record inside an initialised Ray process; a daemon, so it never holds a process
+    up. A record only takes a dict update and a set insert."""
+
+    def __init__(self) -> None:
+        self._dirty: set[_Metric] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.rounds = 0
+        self.calls = 0
+
+    def active(self) -> bool:
+        return self._thread is not None or _ray_ready()
+
+    def mark(self, m: "_Metric") -> None:
+        if m in self._dirty:  # no lock needed for the common case (set membership is atomic)
+            return
+        with self._lock:
+            self._dirty.add(m)
+            if self._thread is None and _ray_ready():
+                self._thread = threading.Thread(target=self._loop, name="automat-metrics", daemon=True)
+                self._thread.start()
+
+    def flush(self) -> int:
+        """Export everything pending now; returns the Ray calls made."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        n = 0
+        for m in dirty:
+            try:
+                n += m._export()
+            except Exception as e:  # never let one metric stop the others
+                log.warning("metric %s: export failed: %s", m.name, e)
+        self.rounds += 1
+        self.calls += n
+        return n
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(EXPORT_INTERVAL_S)
+            self._wake.clear()
+            self.flush()
+
+
+_EXPORTER = _Exporter()
+
+
+def flush() -> int:
+    """Send every pending record to Ray now (else the exporter does within a second)."""
+    return _EXPORTER.flush()
 
 
 def _full(name: str) -> str:

@@ -546,6 +546,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         led = ledger_of(summaries)
         inbox_left = await _inbox_left(lcfg, users)
         steps = await _step_stats(redis, ids)
+        scaling = await _autoscaler_timeline(lcfg, t0)
         # ---- the baselines, with the pipeline stopped
         await asyncio.to_thread(stop_root, namespace=lcfg.runtime.namespace, name=ROOT_NAME)
         baselines = []
@@ -655,10 +656,26 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                    "as_expected": as_expected, "inbox_left": inbox_left, "by_error": led.by_error,
                    "by_procedure": led.by_procedure},
         "baselines": baselines,
+        "autoscaler": scaling,
         "steps": steps,
         "notes": notes,
         "_series": series,
     }
+
+
+async def _autoscaler_timeline(cfg, t0: float) -> list[dict]:
+    """The autoscaler's decisions during the run (grow / shrink / capacity requests /
+    holds), with ``t`` in seconds since the run's clock started - to read latency spikes
+    and throughput steps against. Empty when the autoscaler is off or not reachable."""
+    from supervisors.resolve import resolve_async
+
+    try:
+        h = await resolve_async("autoscaler", namespace=cfg.runtime.namespace, timeout_s=5.0)
+        events = await asyncio.wait_for(h.timeline.remote(), 10.0)
+    except Exception:
+        return []
+    keep = ("kind", "action", "hosts_before", "hosts_after", "reason", "moved", "handover_s", "seconds")
+    return [{"t": round(e.get("at", t0) - t0, 1), **{k: e[k] for k in keep if k in e}} for e in events]
 
 
 def mode_is_tp(opt) -> bool:

@@ -87,6 +87,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {b['name']} | {b['mails']} | {_fmt(b['mails_per_s'])} | {_fmt(b.get('cpu_s_per_mail'))} | "
                          f"{_fmt(b.get('ratio'))}x |")
         lines.append("")
+    if r.get("autoscaler"):
+        lines += ["## Autoscaler decisions (t: seconds since the run's clock started)", "",
+                  "| t | pool | action | hosts | reason |", "|---|---|---|---|---|"]
+        for e in r["autoscaler"][:60]:
+            hosts = (f"{e['hosts_before']} -> {e['hosts_after']}" if "hosts_after" in e else "")
+            lines.append(f"| {e['t']} | {e.get('kind', '')} | {e.get('action', '')} | {hosts} | {e.get('reason', '')} |")
+        lines.append("")
     if r.get("steps"):
         lines += ["## Steps (p50 / p99 ms, from the slips' histories)", "", "| step | runs | p50 | p99 |", "|---|---|---|---|"]
         for s in r["steps"][:45]:

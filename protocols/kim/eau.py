@@ -204,14 +204,16 @@ def _missing(element: str) -> EauError:
     return EauError(PayloadErrorCode.MISSING_ELEMENT, f"mandatory element {element} is missing", element=element)
 
 
-def parse_eau(data: bytes, *, expect: EauKind | None = None) -> EauDocument:
+def parse_eau(data: bytes, *, expect: EauKind | None = None, root=None) -> EauDocument:
     """Parse a FHIR XML eAU bundle. Raises :class:`EauError` (see module doc), nothing else.
 
     ``expect`` restricts the profile (e.g. the ``eAU;Storno-Arzt`` road map expects
-    :attr:`EauKind.STORNO`); a mismatch is ``payload_wrong_profile``.
+    :attr:`EauKind.STORNO`); a mismatch is ``payload_wrong_profile``. ``root``: the
+    payload already parsed by ``_fhirxml.parse_root`` (the pipeline's ``parse_xml`` step)
+    - read from it instead of parsing ``data`` again.
     """
     try:
-        return _parse_eau(data, expect)
+        return _parse_eau(data, expect, root)
     except EauError:
         raise
     except RecursionError:
@@ -220,8 +222,9 @@ def parse_eau(data: bytes, *, expect: EauKind | None = None) -> EauDocument:
         raise EauError(PayloadErrorCode.NOT_XML, f"payload could not be read ({type(exc).__name__})") from None
 
 
-def _parse_eau(data: bytes, expect: EauKind | None) -> EauDocument:
-    root = fx.parse_root(data, EauError)
+def _parse_eau(data: bytes, expect: EauKind | None, root=None) -> EauDocument:
+    if root is None:
+        root = fx.parse_root(data, EauError)
     rtype = fx.local(root.tag)
     if rtype != "Bundle":
         raise EauError(PayloadErrorCode.WRONG_RESOURCE, f"root resource is {rtype}, not Bundle", resource=rtype)

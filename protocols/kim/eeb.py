@@ -70,10 +70,11 @@ class EebAnfrage(BaseModel):
         return v[len("urn:uuid:"):] if v.lower().startswith("urn:uuid:") else v
 
 
-def parse_eeb_anfrage(data: bytes) -> EebAnfrage:
-    """Parse an ``EEBAnfrageBundle`` (gematik or the older ehex profile URLs)."""
+def parse_eeb_anfrage(data: bytes, *, root=None) -> EebAnfrage:
+    """Parse an ``EEBAnfrageBundle`` (gematik or the older ehex profile URLs); ``root``:
+    the payload already parsed by ``_fhirxml.parse_root`` (read from it, no second parse)."""
     try:
-        return _parse(data)
+        return _parse(data, root)
     except EebError:
         raise
     except RecursionError:
@@ -86,8 +87,9 @@ def _missing(element: str) -> EebError:
     return EebError(PayloadErrorCode.MISSING_ELEMENT, f"mandatory element {element} is missing", element=element)
 
 
-def _parse(data: bytes) -> EebAnfrage:
-    root = fx.parse_root(data, EebError)
+def _parse(data: bytes, root=None) -> EebAnfrage:
+    if root is None:
+        root = fx.parse_root(data, EebError)
     rtype = fx.local(root.tag)
     if rtype != "Bundle":
         raise EebError(PayloadErrorCode.WRONG_RESOURCE, f"root resource is {rtype}, not Bundle", resource=rtype)

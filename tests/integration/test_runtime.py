@@ -276,44 +276,46 @@ async def test_starting_hosts_again_keeps_the_running_ones_alive(cfg, stack, ray
                 ray.kill(h)
 
 
-async def test_a_timer_removed_between_the_polls_two_reads_is_not_reported(cfg, stack, redis_client):
+async def test_a_timer_removed_while_polls_run_is_never_reported_without_its_payload(cfg, stack, redis_client):
     """Regression (``automat bench tss``: 351 false dead letters "timer payload missing"):
     the poll read the due members, then a commit fired or cancelled a timer, then the poll
-    read the payloads - the removed timer came back without its payload."""
+    read the payloads - the removed timer came back without its payload. The poll is now
+    one script (membership and payload in one atomic read, one round trip for all shards):
+    polls racing with commits that remove timers see each timer whole or not at all."""
     from actors.runtime.store import EntityStore, timer_member, timer_payloads, timer_zset
 
     kind = f"t{uuid.uuid4().hex[:10]}.timers"
-    m_gone, m_kept = timer_member("a", "step"), timer_member("b", "step")
-    await redis_client.zadd(timer_zset(kind, 0), {m_gone: 1.0, m_kept: 1.0})
-    await redis_client.hset(timer_payloads(kind, 0), mapping={m_gone: b"x", m_kept: b"y"})
+    shards = [0, 1, 2, 3]
+    members = {s: [timer_member(f"k{s}-{i}", "retry") for i in range(150)] for s in shards}
+    for s in shards:
+        await redis_client.zadd(timer_zset(kind, s), {m: 1.0 for m in members[s]})
+        await redis_client.zadd(timer_zset(kind, s), {timer_member(f"later{s}", "retry"): 99.0})
+        await redis_client.hset(timer_payloads(kind, s),
+                                mapping={**{m: m.encode() for m in members[s]},
+                                         timer_member(f"later{s}", "retry"): b"later"})
+    store = EntityStore(redis_client)
+    first = await store.due_timers(kind, shards, now=2.0)
+    assert sorted((sh, m) for sh, m, _ in first) == sorted((s, m) for s in shards for m in members[s])
+    assert all(p == m.encode() for _, m, p in first)  # each with its own payload; "later" not due
 
-    class RemovesAfterFirstRead:
-        """The store's Redis, where a commit lands right after the first pipeline ran."""
+    async def commits():  # fire-and-commit: a timer leaves zset and payloads together
+        for s in shards:
+            for m in members[s]:
+                pipe = redis_client.pipeline(transaction=True)
+                pipe.zrem(timer_zset(kind, s), m).hdel(timer_payloads(kind, s), m)
+                await pipe.execute()
 
-        def __init__(self, r):
-            self.r, self.calls = r, 0
+    async def polls():
+        seen = []
+        for _ in range(60):
+            seen += await store.due_timers(kind, shards, now=2.0)
+            await asyncio.sleep(0)
+        return seen
 
-        def pipeline(self, **kw):
-            outer, pipe = self, self.r.pipeline(**kw)
-            run = pipe.execute
-
-            async def execute(*a, **k):
-                res = await run(*a, **k)
-                outer.calls += 1
-                if outer.calls == 1:
-                    await outer.r.zrem(timer_zset(kind, 0), m_gone)
-                    await outer.r.hdel(timer_payloads(kind, 0), m_gone)
-                return res
-
-            pipe.execute = execute
-            return pipe
-
-        def register_script(self, src):
-            return self.r.register_script(src)
-
-    store = EntityStore(RemovesAfterFirstRead(redis_client))
-    due = await store.due_timers(kind, [0], now=2.0)
-    assert [(m, p) for _s, m, p in due] == [(m_kept, b"y")]
+    _, seen = await asyncio.gather(commits(), polls())
+    assert seen and all(p == m.encode() for _, m, p in seen)
+    assert await store.due_timers(kind, shards, now=2.0) == []
+    assert len(await store.due_timers(kind, shards, now=100.0)) == len(shards)
 
 
 async def test_dropping_an_unreadable_timer_keeps_one_rearmed_under_its_name(redis_client, stack):

@@ -12,6 +12,7 @@ Each test uses its own entity kind name (own Redis keys, own shard map).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import uuid
@@ -220,7 +221,8 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
     acfg = cfg.model_copy(deep=True)
     acfg.autoscale = AutoscaleConfig(interval_s=0.5, pools=[PoolPolicy(
         kind=kind.name, supervisor=pool.sup_name, min_hosts=1, max_hosts=4, up_backlog=80, down_backlog=5,
-        up_latency_ms=60_000, down_latency_ms=60_000, up_after_s=1.0, down_after_s=3.0, cooldown_s=1.0)])
+        up_latency_ms=60_000, down_latency_ms=60_000, up_after_s=1.0, down_after_s=3.0, cooldown_s=1.0,
+        grow_max_node_busy=1.0)])  # the burst's own CPU must not hold growth back here (next test)
     scaler = ray.remote(Autoscaler).options(namespace=cfg.runtime.namespace, num_cpus=0).remote(acfg)
     router = Router(cfg)
     keys = [f"w{i}" for i in range(600)]
@@ -285,6 +287,98 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
         finally:
             ray.kill(scaler)
         await pool.stop()
+
+
+def _burn(stop) -> None:  # a process that keeps one core busy
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+async def test_no_growth_on_a_cpu_saturated_node_until_it_has_cpu_again(cfg, stack, ray_session, redis_client):
+    """Regression (the 240k load test): under a throughput run's backlog the autoscaler
+    grew kim.worker 2 -> 8 and kim.slip 2 -> 4 hosts on a 2-core node already at 100 % -
+    more processes, no more CPU. With every node saturated it now holds (one ``hold``
+    event, a request to Ray for a node) and grows once the node has CPU again."""
+    import multiprocessing as mp
+
+    import ray
+
+    from actors.runtime.autoscaler import Autoscaler
+
+    kind = new_kind(WORKER, hosts=1)
+    await register_kinds(redis_client, [kind])
+    pool = await Pool(cfg, kind).start()
+    acfg = cfg.model_copy(deep=True)
+    acfg.autoscale = AutoscaleConfig(interval_s=0.5, pools=[PoolPolicy(
+        kind=kind.name, supervisor=pool.sup_name, min_hosts=1, max_hosts=3, up_backlog=20, down_backlog=5,
+        up_latency_ms=60_000, down_latency_ms=60_000, up_after_s=0.5, down_after_s=60.0, cooldown_s=0.5,
+        grow_max_node_busy=0.9)])
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    burners = [ctx.Process(target=_burn, args=(stop,), daemon=True) for _ in range((os.cpu_count() or 2) + 1)]
+    for b in burners:
+        b.start()
+    scaler = None
+    router = Router(cfg)
+    keys = [f"s{i}" for i in range(200)]
+
+    async def entity_run(key: str) -> None:  # 200 x 20 x 10 ms: 40 s of work for one host
+        for _ in range(20):
+            await router.ask(kind.name, key, Work(ms=10.0), timeout_s=300)
+
+    try:
+        await asyncio.sleep(2.0)  # the burners have the cores
+        scaler = ray.remote(Autoscaler).options(namespace=cfg.runtime.namespace, num_cpus=0).remote(acfg)
+        runs = [asyncio.create_task(entity_run(k)) for k in keys]
+        t0 = time.monotonic()
+        held: list = []
+        events: list = []
+        while time.monotonic() - t0 < 60 and not held:
+            await asyncio.sleep(0.5)
+            events = await scaler.timeline.remote()
+            held = [e for e in events if e["action"] == "hold"]
+        st = await scaler.status.remote()
+        print(f"\nsaturated node: {held[:1]} signal={st['pools'][kind.name]['signal']}")
+        assert held, events
+        assert not [e for e in events if e["action"] == "grow"], events
+        assert st["pools"][kind.name]["hosts"] == [0]
+        for _ in range(20):  # asked Ray for a node (right after the hold event)
+            if [e for e in await scaler.timeline.remote() if e["action"] == "request_resources"]:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise AssertionError(f"no request for a node: {await scaler.timeline.remote()}")
+        await asyncio.sleep(3.0)  # still saturated, still a backlog: still one host, one hold event
+        events = await scaler.timeline.remote()
+        assert [e["action"] for e in events if e["action"] in ("hold", "grow")] == ["hold"], events
+        stop.set()
+        for b in burners:
+            b.join(10)
+        t1 = time.monotonic()
+        grew: list = []
+        while time.monotonic() - t1 < 60 and not grew:
+            await asyncio.sleep(0.5)
+            grew = [e for e in await scaler.timeline.remote() if e["action"] == "grow"]
+        print(f"after the burners stopped: grew {time.monotonic() - t1:.1f} s later: {grew[:1]}")
+        assert grew and grew[0]["hosts_after"] > 1
+        await asyncio.wait_for(asyncio.gather(*runs), 300)
+        counts = [(await router.ask(kind.name, k, Work(ms=0))).count for k in keys]
+        assert counts == [21] * len(keys)  # nothing lost or doubled across the hold and the move
+    finally:
+        stop.set()
+        for b in burners:
+            if b.is_alive():
+                b.kill()
+        await router.close()
+        if scaler is not None:
+            try:
+                await scaler.stop.remote()
+            finally:
+                ray.kill(scaler)
+        await pool.stop()
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
 
 
 async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_session, redis_client):
