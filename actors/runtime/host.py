@@ -364,6 +364,8 @@ class ShardHost(Supervised):
                 if s.queue:
                     s.running = True
                     self._spawn(self._drain(s))
+                else:
+                    self._release_stateless(s)
 
     def _apply_sync(self, slot: _Slot, round_: list):
         ent = slot.entity
@@ -633,6 +635,15 @@ class ShardHost(Supervised):
         finally:
             slot.running = False
             slot.last_used = time.monotonic()
+            self._release_stateless(slot)
+
+    def _release_stateless(self, slot: _Slot) -> None:
+        """A stateless kind's entity has nothing to keep between messages: its slot goes as
+        soon as it is idle (the KIM step pool kept one slot per mail for
+        ``passivate_after_s`` - thousands of them in a throughput run, memory and a longer
+        ``load()`` for nothing)."""
+        if self.kind.stateless and not slot.running and not slot.queue and self._slots.get(slot.key) is slot:
+            del self._slots[slot.key]
 
     # -- activation -------------------------------------------------------------------------
     def _aad(self, key: str) -> bytes:

@@ -197,6 +197,28 @@ async def test_passivated_entity_reactivates_with_same_state(hosted):
     assert (await router.ask(kind.name, "p", Get())).total == 9
 
 
+async def test_a_stateless_pool_keeps_no_entity_once_it_is_idle(cfg, stack, ray_session, redis_client):
+    """Regression (load test RSS): the KIM step pool (stateless, keyed by mail id) kept a
+    slot per mail until ``passivate_after_s`` (300 s) - thousands of idle entities in a
+    throughput run. A stateless entity now goes as soon as it has nothing queued."""
+    kind = EntityKind(name=f"t{uuid.uuid4().hex[:10]}.pool", entity=COUNTER, hosts=1, stateless=True)
+    await register_kinds(redis_client, [kind])
+    handles = await asyncio.to_thread(start_hosts, cfg, kind)
+    router = Router(cfg)
+    try:
+        answers = await asyncio.gather(*(router.ask(kind.name, f"m{i}", Add(n=i)) for i in range(300)))
+        assert [a.total for a in answers] == list(range(300))  # each handled (no state kept between)
+        again = await asyncio.gather(*(router.ask(kind.name, f"m{i}", Add(n=1)) for i in range(50)))
+        assert {a.total for a in again} == {1}
+        st = await handles[0].stats.remote()
+        assert st["messages"] >= 350
+        assert st["active_entities"] == 0, st
+    finally:
+        await router.close()
+        for h in handles:
+            ray.kill(h)
+
+
 async def test_durable_timer_fires_after_host_is_killed(cfg, hosted):
     kind, router, handles = await hosted(hosts=1)
     await router.ask(kind.name, "t", Remind(delay_s=1.5, n=40))
