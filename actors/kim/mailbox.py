@@ -13,7 +13,8 @@ fetcher ``i % fetchers``), one thread-backed loop per mailbox (imapclient is syn
 4. no new mail: IDLE (if offered) until the server says EXISTS or ``idle_timeout_s``,
    else poll every ``imap.poll_interval_s``; with ``kim.pickup_poll_ms`` > 0, a mailbox
    that had mail in the last ``kim.pickup_hot_s`` is asked with NOOP every that many ms
-   instead (IDLE notifies only 500 ms late - Dovecot's NOTIFY_DELAY_MSECS).
+   instead (IDLE notifies only 500 ms late - Dovecot's NOTIFY_DELAY_MSECS); a mailbox
+   actor starts hot (it does not know how recently mail came).
 
 Admission control (backpressure): a mailbox actor keeps at most
 ``kim.max_in_flight / kim.fetchers`` of its mails in flight (slip created, not terminal);
@@ -274,7 +275,11 @@ class MailboxFetcher(Supervised):
     async def _loop(self, box, client) -> None:
         user = box.user
         idle_ok = b"IDLE" in (await self._run(client.capabilities))
-        last_mail = float("-inf")  # when this mailbox last had new mail (monotonic)
+        # when this mailbox last had new mail (monotonic). A (re)started actor does not know
+        # the mailbox's recent past: it starts hot (with pickup_poll_ms > 0), so mail that
+        # arrives right after a start is not picked up 500 ms late (the first mail of each of
+        # 20 load-test mailboxes was 2.4 % of a rate-7 run, all above 500 ms)
+        last_mail = time.monotonic()
         while not self._stopping:
             info = await self._run(client.select_folder, "INBOX")
             uidvalidity = int(info[b"UIDVALIDITY"])

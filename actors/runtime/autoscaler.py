@@ -10,7 +10,7 @@ other kind — and
   above ``up_latency_ms`` for ``up_after_s`` — to as many hosts as the backlog asks for
   (``backlog / up_backlog``, at least ``step`` more) in one handover — **shrinks** it by one
   when both are below the ``down_*`` marks for ``down_after_s`` — between ``min_hosts``
-  and ``max_hosts``, with ``cooldown_s`` after every change (hysteresis: the two marks
+  (default: the kind's configured host count) and ``max_hosts``, with ``cooldown_s`` after every change (hysteresis: the two marks
   and the two durations differ, so a pool does not flap);
 - grows by asking the owning supervisor for one more host child
   (``Supervisor.add_child``), then hands shards over to it (``actors.runtime.rebalance``);
@@ -108,7 +108,7 @@ class Autoscaler(Supervised):
         return {
             "enabled": self.acfg.enabled, "interval_s": self.acfg.interval_s, "ticks": self._ticks,
             "errors": self._errors, "requested": self._requested,
-            "pools": {k: {"hosts": p.hosts, "version": p.version, "min": p.policy.min_hosts,
+            "pools": {k: {"hosts": p.hosts, "version": p.version, "min": self._min(p),
                           "max": p.policy.max_hosts, "busy": p.busy, "signal": p.signal, "note": p.note}
                       for k, p in self.pools.items()},
             "events": self.events[-50:],
@@ -234,7 +234,8 @@ class Autoscaler(Supervised):
             return
         loads = await asyncio.gather(*(self._load(p.kind.host_name(i)) for i in p.hosts))
         seen = [x for x in loads if x]
-        if len(seen) < len(p.hosts) and pol.min_hosts <= len(p.hosts) <= pol.max_hosts:
+        lo = self._min(p)
+        if len(seen) < len(p.hosts) and lo <= len(p.hosts) <= pol.max_hosts:
             # a host did not answer (restarting, or too busy even for its control thread):
             # keep the hysteresis timers as they are, decide on the next tick
             p.note = f"{len(p.hosts) - len(seen)} host(s) not answering"
@@ -262,8 +263,8 @@ class Autoscaler(Supervised):
         n = len(p.hosts)
         target = n
         reason = ""
-        if n < pol.min_hosts:
-            target, reason = pol.min_hosts, "below min_hosts"
+        if n < lo:
+            target, reason = lo, "below min_hosts"
         elif n > pol.max_hosts:
             target, reason = pol.max_hosts, "above max_hosts"
         elif now - p.last_change >= pol.cooldown_s:
@@ -272,7 +273,7 @@ class Autoscaler(Supervised):
                 target = min(pol.max_hosts, max(n + pol.step, math.ceil(backlog / pol.up_backlog)))
                 reason = (f"backlog {per_host:.0f}/host > {pol.up_backlog:g}" if per_host > pol.up_backlog
                           else f"p95 {lat:.0f} ms > {pol.up_latency_ms:g}")
-            elif down and now - p.below_since >= pol.down_after_s and n > pol.min_hosts:
+            elif down and now - p.below_since >= pol.down_after_s and n > lo:
                 target = n - 1
                 reason = f"backlog {per_host:.1f}/host < {pol.down_backlog:g}, p95 {lat:.0f} ms for {pol.down_after_s:g} s"
         if target > n and reason != "below min_hosts" and await self._saturated(p):
@@ -288,6 +289,13 @@ class Autoscaler(Supervised):
         if target != n:
             p.holding = False
             p.action = asyncio.get_running_loop().create_task(self._resize(p, target, reason))
+
+    def _min(self, p: _Pool) -> int:
+        """The pool's floor: ``min_hosts``, or the kind's configured host count."""
+        if p.policy.min_hosts is not None:
+            return p.policy.min_hosts
+        configured = p.kind.host_count(self.cfg) if p.kind is not None else 1
+        return max(1, min(p.policy.max_hosts, configured))
 
     async def _saturated(self, p: _Pool) -> bool:
         """True if every node this pool's hosts run on is CPU-saturated and the cluster has

@@ -141,7 +141,10 @@ class PoolPolicy(_Section):
 
     kind: str  # entity kind, e.g. kim.worker
     supervisor: str  # logical name of the supervisor that owns its hosts, e.g. kim
-    min_hosts: int = Field(1, ge=1, le=256)
+    # None: the kind's configured host count (e.g. kim.worker_hosts) - the autoscaler grows
+    # above it for a burst and shrinks back to it, not below (a shrink hands shards over:
+    # a pause the pool's configured size should not pay at a steady, light load)
+    min_hosts: int | None = Field(None, ge=1, le=256)
     max_hosts: int = Field(8, ge=1, le=256)
     up_backlog: float = Field(50.0, gt=0)  # messages in flight per host above which it grows
     down_backlog: float = Field(5.0, ge=0)  # ... below which (and latency low) it may shrink
@@ -158,7 +161,7 @@ class PoolPolicy(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolPolicy":
-        if self.min_hosts > self.max_hosts:
+        if self.min_hosts is not None and self.min_hosts > self.max_hosts:
             raise ValueError(f"min_hosts ({self.min_hosts}) must be <= max_hosts ({self.max_hosts})")
         if self.down_backlog >= self.up_backlog:
             raise ValueError("down_backlog must be below up_backlog (hysteresis)")
@@ -167,8 +170,8 @@ class PoolPolicy(_Section):
 
 def _default_pools() -> list[PoolPolicy]:
     return [
-        PoolPolicy(kind="kim.worker", supervisor="kim", min_hosts=1, max_hosts=8),
-        PoolPolicy(kind="kim.slip", supervisor="kim", min_hosts=1, max_hosts=4, up_backlog=500.0,
+        PoolPolicy(kind="kim.worker", supervisor="kim", max_hosts=8),
+        PoolPolicy(kind="kim.slip", supervisor="kim", max_hosts=4, up_backlog=500.0,
                    down_backlog=20.0),
     ]
 

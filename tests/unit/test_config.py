@@ -154,3 +154,28 @@ def test_cli_refuses_stack_when_local_stack_is_false(monkeypatch):
     res = CliRunner().invoke(app, ["stack", "up"])
     assert res.exit_code == 1
     assert "local_stack is false" in res.output
+
+
+def test_a_pool_shrinks_back_to_its_configured_size_not_below():
+    """Regression (rate-7 load test): the autoscaler shrank kim.slip and kim.worker 2 -> 1
+    after 20 quiet seconds; the handovers put a p99 of 2.7 s into that 10 s window. A pool's
+    floor is now the kind's configured host count unless ``min_hosts`` says otherwise."""
+    from actors.runtime.autoscaler import Autoscaler, _Pool
+    from actors.runtime.config import PoolPolicy, load_config
+    from actors.runtime.kinds import EntityKind
+
+    cfg = load_config()
+    pools = {p.kind: p for p in cfg.autoscale.pools}
+    assert pools["kim.worker"].min_hosts is None and pools["kim.slip"].min_hosts is None
+    scaler = Autoscaler.__new__(Autoscaler)  # no loop task: only the floor is asked
+    scaler.cfg = cfg
+    p = _Pool(pools["kim.worker"])
+    p.kind = EntityKind(name="kim.worker", entity="actors.kim.worker:StepWorker", hosts=3)
+    assert scaler._min(p) == 3
+    p.kind = EntityKind(name="kim.worker", entity="actors.kim.worker:StepWorker", hosts=20)
+    assert scaler._min(p) == pools["kim.worker"].max_hosts  # never above the ceiling
+    explicit = _Pool(PoolPolicy(kind="x", supervisor="s", min_hosts=1, max_hosts=4))
+    explicit.kind = EntityKind(name="x", entity="a:B", hosts=3)
+    assert scaler._min(explicit) == 1
+    with pytest.raises(ValueError, match="min_hosts"):
+        PoolPolicy(kind="x", supervisor="s", min_hosts=5, max_hosts=4)
