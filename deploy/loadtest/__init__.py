@@ -34,7 +34,8 @@ def loadtest_cmd(
                                                 "(received, not terminal) at most; default: kim.max_in_flight"),
     pickup_poll_ms: Optional[float] = typer.Option(None, "--pickup-poll-ms", min=0, help="hot pick-up: NOOP-poll a mailbox "
                                                    "that had mail in the last kim.pickup_hot_s every N ms instead of "
-                                                   "IDLE (Dovecot notifies IDLE 500 ms late); default: kim.pickup_poll_ms"),
+                                                   "IDLE (Dovecot notifies IDLE 500 ms late); 0 = IDLE; default: 100 in rate mode, "
+                                                   "else kim.pickup_poll_ms"),
     redis_db: Optional[int] = typer.Option(None, "--redis-db", help="run in this Redis database (emptied at the end); "
                                            "default: the configured one (only this run's slips are read)"),
     timeout: float = typer.Option(3600.0, "--timeout", help="give up waiting after this many seconds"),

@@ -106,6 +106,9 @@ class MailboxLock:
         self.release()
 
 
+RATE_PICKUP_POLL_MS = 100.0  # rate mode's hot pick-up unless --pickup-poll-ms says otherwise
+
+
 def run_config(cfg, opt: Options, run_id: str):
     from actors.runtime.config import KimMailbox
 
@@ -122,6 +125,10 @@ def run_config(cfg, opt: Options, run_id: str):
         c.kim.max_in_flight = opt.max_in_flight
     if opt.pickup_poll_ms is not None:
         c.kim.pickup_poll_ms = opt.pickup_poll_ms
+    elif opt.rate and not c.kim.pickup_poll_ms:
+        # rate mode measures latency: the local Dovecot is ours, hot pick-up costs it little
+        # (IDLE would add Dovecot's 500 ms notify delay to every mail)
+        c.kim.pickup_poll_ms = RATE_PICKUP_POLL_MS
     c.kafka.topic_prefix = f"{cfg.kafka.topic_prefix}lt{run_id}."
     c.runtime.namespace = f"automat-lt-{run_id}"
     if opt.redis_db is not None:
