@@ -15,12 +15,14 @@ other kind — and
 - grows by asking the owning supervisor for one more host child
   (``Supervisor.add_child``), then hands shards over to it (``actors.runtime.rebalance``);
   shrinks by handing the highest host's shards to the others, then removing it;
-- does **not** grow while every node the pool runs on is CPU-saturated (each host reports
-  its node's CPU share, ``actors.runtime.nodecpu``; smoothed here; above
-  ``grow_max_node_busy``) and the cluster has no other node: more host processes on a
-  saturated node add Ray overhead and no CPU (the 240k load test grew ``kim.worker`` to 8
-  hosts on 2 cores). It records a ``hold`` event once per episode and asks Ray for a node;
-  growth resumes when a node has CPU left (or a new one joined);
+- grows only by as many hosts as the CPU of the pool's nodes can feed: each host reports
+  its node's CPU share and its own CPU use (``actors.runtime.nodecpu``; smoothed here);
+  the CPU left below ``grow_max_node_busy`` divided by what one host of the pool uses now
+  is how many more fit. None fit (every node saturated, no other node in the cluster):
+  no growth - more host processes on full cores add Ray overhead and no CPU (the 240k load
+  test grew ``kim.worker`` 2 -> 8 on 2 cores, twice: once on backlog alone, once when the
+  node read 89 % busy for a tick) - a ``hold`` event once per episode and a request to Ray
+  for a node; growth resumes when a node has CPU again (or a new one joined);
 - asks Ray for capacity (``ray.autoscaler.sdk.request_resources``) when a new host does
   not fit on the nodes there are (hosts carry ``runtime.host_num_cpus``), so Ray's own
   autoscaler (cluster launcher / KubeRay) adds a worker node; the request is lowered
@@ -74,6 +76,8 @@ class _Pool:
         self.note = ""
         self.moving = False
         self.node_busy: dict[str, float] = {}  # node id -> smoothed CPU share (hosts' reports)
+        self.node_cpus: dict[str, float] = {}  # node id -> CPUs it gives us
+        self.host_cpu: float | None = None  # smoothed CPU (cores) one host of the pool uses
         self.holding = False  # a grow is held back: every node saturated
 
     @property
@@ -249,6 +253,11 @@ class Autoscaler(Supervised):
             if b is not None:
                 old = p.node_busy.get(node)
                 p.node_busy[node] = b if old is None else 0.5 * old + 0.5 * b
+                p.node_cpus[node] = float(x.get("node_cpus") or 1.0)
+        cpus = [x["cpu"] for x in seen if x.get("cpu") is not None]
+        if cpus:
+            mean = sum(cpus) / len(cpus)
+            p.host_cpu = mean if p.host_cpu is None else 0.5 * p.host_cpu + 0.5 * mean
         p.note = ""
         p.signal = {"backlog": backlog, "per_host": round(per_host, 1), "lat_p95_ms": lat,
                     "loop_lag_ms": lag, "hosts_seen": len(seen),
@@ -276,15 +285,21 @@ class Autoscaler(Supervised):
             elif down and now - p.below_since >= pol.down_after_s and n > lo:
                 target = n - 1
                 reason = f"backlog {per_host:.1f}/host < {pol.down_backlog:g}, p95 {lat:.0f} ms for {pol.down_after_s:g} s"
-        if target > n and reason != "below min_hosts" and await self._saturated(p):
-            p.note = f"grow held: every node busy >= {pol.grow_max_node_busy:.0%} ({reason})"
-            if not p.holding:
-                p.holding = True
-                self._event(p, "hold", hosts_before=n, wanted=target, reason=p.note,
-                            signal=dict(p.signal))
-                await self._capacity(p, target - n, force=True)
-            return
-        if p.holding and not up:
+        if target > n and reason != "below min_hosts":
+            fit = await self._fit(p)
+            if fit is not None and fit < target - n:
+                if fit <= 0:
+                    p.note = (f"grow held: no CPU left below {pol.grow_max_node_busy:.0%} on the pool's "
+                              f"node(s) ({reason})")
+                    if not p.holding:
+                        p.holding = True
+                        self._event(p, "hold", hosts_before=n, wanted=target, reason=p.note,
+                                    signal=dict(p.signal))
+                        await self._capacity(p, target - n, force=True)
+                    return
+                reason += f"; {fit} more fit the free CPU (wanted {target - n})"
+                target = n + fit
+        if p.holding and down:  # the episode is over when the pressure is low, not at a dip
             p.holding = False
         if target != n:
             p.holding = False
@@ -297,21 +312,25 @@ class Autoscaler(Supervised):
         configured = p.kind.host_count(self.cfg) if p.kind is not None else 1
         return max(1, min(p.policy.max_hosts, configured))
 
-    async def _saturated(self, p: _Pool) -> bool:
-        """True if every node this pool's hosts run on is CPU-saturated and the cluster has
-        no node without one of them (such a node may have room)."""
+    async def _fit(self, p: _Pool) -> int | None:
+        """How many more hosts of this pool the CPU of its nodes can feed: the nodes' CPU
+        left below ``grow_max_node_busy`` over what one host of the pool uses now (its
+        hosts' mean, at least 0.1 core). None: no limit (guard off, no readings yet, or a
+        live node without a host of this pool - it may have room)."""
         lim = p.policy.grow_max_node_busy
         if lim >= 1.0 or not p.node_busy:
-            return False
-        if any(b < lim for b in p.node_busy.values()):
-            return False
+            return None
         try:
             import ray
 
             alive = await asyncio.to_thread(lambda: [n["NodeID"] for n in ray.nodes() if n.get("Alive")])
         except Exception:
-            return True
-        return not (set(alive) - set(p.node_busy))
+            alive = list(p.node_busy)
+        if set(alive) - set(p.node_busy):
+            return None
+        free = sum(max(0.0, lim - b) * p.node_cpus.get(node, 1.0) for node, b in p.node_busy.items())
+        need = max(0.1, p.host_cpu or 0.0)
+        return int(free / need)
 
     # ---- actions ----------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from actors.runtime import metrics
 from actors.runtime.entity import Effects, Entity, EntityContext
-from actors.runtime.nodecpu import CpuMeter
+from actors.runtime.nodecpu import CpuMeter, ProcessCpu, node_cpus
 from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
 from actors.runtime.shardmap import ShardMap, cluster_epoch, load_map, version_key
 from actors.runtime.store import (
@@ -140,6 +140,8 @@ class ShardHost(Supervised):
         self._lat: deque = deque(maxlen=4096)  # (end monotonic, seconds) per delivered batch
         self._lag = 0.0
         self._cpu = CpuMeter()  # the node's CPU: may the autoscaler add a host here?
+        self._pcpu = ProcessCpu()  # this host's own CPU: what one more host would need
+        self._node_cpus = node_cpus()
         self._node: str | None = None
         self._turns: dict[str, _SenderTurn] = {}
         self._order_wait_s = cfg.runtime.order_wait_s
@@ -551,6 +553,7 @@ class ShardHost(Supervised):
             "loop_lag_ms": round(self._lag * 1000.0, 2), "active_entities": len(slots),
             "messages": self.stats_counters["messages"], "version": self._map.version,
             "shards": len(self._active), "node": self._node_id(), "node_cpu_busy": self._cpu.busy(),
+            "node_cpus": self._node_cpus, "cpu": self._pcpu.share(),
         }
 
     def _node_id(self) -> str:

@@ -3,12 +3,14 @@
 ``CpuMeter.busy()`` returns the share of the node's CPU time that was used since the
 previous call (0..1): from ``/proc/stat`` (busy = everything but idle and iowait; time
 stolen by the hypervisor counts as busy - it is not ours to use), or, in a container with
-a CPU quota (cgroup v2 ``cpu.max``), the container's usage against its quota. ``None`` on
-the first call and where neither can be read (not Linux).
+a CPU quota (cgroup v2 ``cpu.max``), the container's usage against its quota. ``None`` where
+neither can be read (not Linux). ``ProcessCpu.share()``: the CPUs this process used since
+the last call (1.0 = one core), for "how much CPU does one more host of this pool need".
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -51,10 +53,23 @@ def _cgroup_usage_s() -> float | None:
     return None
 
 
+def node_cpus() -> float:
+    """CPUs this node gives us: the cgroup quota, else the CPUs we may run on."""
+    q = _cgroup_quota()
+    if q:
+        return q
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return float(os.cpu_count() or 1)
+
+
 class CpuMeter:
+    """The node's busy share since the last call (first call: since construction)."""
+
     def __init__(self) -> None:
         self._quota = _cgroup_quota()
-        self._last: tuple[float, float] | None = None
+        self._last: tuple[float, float] | None = self._sample()
 
     def _sample(self) -> tuple[float, float] | None:
         if self._quota:
@@ -72,3 +87,18 @@ class CpuMeter:
         if d_total <= 0:
             return None
         return max(0.0, min(1.0, d_busy / d_total))
+
+
+class ProcessCpu:
+    """CPU used by this process (all threads) since the last call, in cores."""
+
+    def __init__(self) -> None:
+        self._last = (time.process_time(), time.monotonic())
+
+    def share(self) -> float | None:
+        now = (time.process_time(), time.monotonic())
+        last, self._last = self._last, now
+        dt = now[1] - last[1]
+        if dt <= 0:
+            return None
+        return max(0.0, (now[0] - last[0]) / dt)
