@@ -312,6 +312,15 @@ class Autoscaler(Supervised):
         configured = p.kind.host_count(self.cfg) if p.kind is not None else 1
         return max(1, min(p.policy.max_hosts, configured))
 
+    async def _alive_nodes(self) -> list[str] | None:
+        """Node ids of the cluster's live nodes (None: Ray cannot tell)."""
+        try:
+            import ray
+
+            return await asyncio.to_thread(lambda: [n["NodeID"] for n in ray.nodes() if n.get("Alive")])
+        except Exception:
+            return None
+
     async def _fit(self, p: _Pool) -> int | None:
         """How many more hosts of this pool the CPU of its nodes can feed: the nodes' CPU
         left below ``grow_max_node_busy`` over what one host of the pool uses now (its
@@ -320,13 +329,8 @@ class Autoscaler(Supervised):
         lim = p.policy.grow_max_node_busy
         if lim >= 1.0 or not p.node_busy:
             return None
-        try:
-            import ray
-
-            alive = await asyncio.to_thread(lambda: [n["NodeID"] for n in ray.nodes() if n.get("Alive")])
-        except Exception:
-            alive = list(p.node_busy)
-        if set(alive) - set(p.node_busy):
+        alive = await self._alive_nodes()
+        if alive is not None and set(alive) - set(p.node_busy):
             return None
         free = sum(max(0.0, lim - b) * p.node_cpus.get(node, 1.0) for node, b in p.node_busy.items())
         need = max(0.1, p.host_cpu or 0.0)

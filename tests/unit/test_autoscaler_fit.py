@@ -12,9 +12,14 @@ from actors.runtime.autoscaler import Autoscaler, _Pool
 from actors.runtime.config import PoolPolicy, load_config
 
 
+async def _one_node() -> list[str]:
+    return ["n1"]  # the cluster is the one node the pool runs on
+
+
 def _fit(busy: float, cpus: float, host_cpu: float | None, limit: float = 0.9) -> int | None:
     scaler = Autoscaler.__new__(Autoscaler)  # no loop task: only the sizing is asked
     scaler.cfg = load_config()
+    scaler._alive_nodes = _one_node  # not whatever Ray session this process may have
     p = _Pool(PoolPolicy(kind="kim.worker", supervisor="kim", grow_max_node_busy=limit))
     p.node_busy, p.node_cpus, p.host_cpu = {"n1": busy}, {"n1": cpus}, host_cpu
     return asyncio.run(scaler._fit(p))
@@ -35,3 +40,15 @@ def test_the_guard_switched_off_or_without_readings_does_not_limit():
     scaler = Autoscaler.__new__(Autoscaler)
     scaler.cfg = load_config()
     assert asyncio.run(scaler._fit(_Pool(PoolPolicy(kind="x", supervisor="s")))) is None
+
+
+def test_a_live_node_without_a_host_of_the_pool_may_have_room():
+    async def two_nodes() -> list[str]:
+        return ["n1", "n2"]
+
+    scaler = Autoscaler.__new__(Autoscaler)
+    scaler.cfg = load_config()
+    scaler._alive_nodes = two_nodes
+    p = _Pool(PoolPolicy(kind="kim.worker", supervisor="kim"))
+    p.node_busy, p.node_cpus, p.host_cpu = {"n1": 1.0}, {"n1": 2.0}, 0.5
+    assert asyncio.run(scaler._fit(p)) is None
