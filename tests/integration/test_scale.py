@@ -289,6 +289,22 @@ async def test_autoscaler_grows_under_a_burst_and_shrinks_after(cfg, stack, ray_
         await pool.stop()
 
 
+async def _stop_scaler_and_pool(scaler, pool: Pool) -> None:
+    """Stop a test's autoscaler and pool; withdraw any request it made to Ray for nodes."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        if scaler is not None:
+            try:
+                await scaler.stop.remote()
+            finally:
+                ray.kill(scaler)
+        await pool.stop()
+    finally:
+        request_resources(bundles=[])
+
+
 def _burn(stop) -> None:  # a process that keeps one core busy
     while not stop.is_set():
         sum(i * i for i in range(10_000))
@@ -370,15 +386,7 @@ async def test_no_growth_on_a_cpu_saturated_node_until_it_has_cpu_again(cfg, sta
             if b.is_alive():
                 b.kill()
         await router.close()
-        if scaler is not None:
-            try:
-                await scaler.stop.remote()
-            finally:
-                ray.kill(scaler)
-        await pool.stop()
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[])
+        await _stop_scaler_and_pool(scaler, pool)
 
 
 async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_session, redis_client):
@@ -387,7 +395,6 @@ async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_se
     import json
 
     import ray
-    from ray.autoscaler.sdk import request_resources
     from ray.experimental.internal_kv import _internal_kv_get
 
     from actors.runtime.autoscaler import Autoscaler
@@ -415,9 +422,4 @@ async def test_a_host_that_does_not_fit_asks_ray_for_capacity(cfg, stack, ray_se
         if stored is not None:
             assert json.loads(stored) == [{"CPU": 3.0}, {"CPU": 3.0}]
     finally:
-        try:
-            await scaler.stop.remote()
-        finally:
-            ray.kill(scaler)
-        await pool.stop()
-        request_resources(bundles=[])
+        await _stop_scaler_and_pool(scaler, pool)
