@@ -65,6 +65,8 @@ class ProcSampler:
         self.peak_procs = 0
         self.also: "ProcSampler | None" = None  # a second sampler taken at the same moments
         self.names: dict[int, str] = {}
+        # per sample: RSS bytes by process name (summed over processes of that name)
+        self.rss_by_name: list[tuple[float, dict[str, int]]] = []
 
     def cpu_by_name(self) -> dict[str, float]:
         """CPU seconds since the first sample, by process name (``ray::ShardHost``, ...)."""
@@ -79,20 +81,35 @@ class ProcSampler:
             self.also.sample()
         now = time.time()
         rss = 0
+        by_name: dict[str, int] = {}
         pids = descendants(self.roots)
         for pid in pids:
             st = _stat(pid)
             if st is None:
                 continue
             self.cpu_last[pid] = st[1]
-            self.names[pid] = _name(pid)  # again each time: Ray renames its workers after start
+            name = self.names[pid] = _name(pid)  # again each time: Ray renames its workers after start
             self.cpu_base.setdefault(pid, st[1] if not self.samples else 0.0)
             rss += st[2]
+            by_name[name] = by_name.get(name, 0) + st[2]
+        self.rss_by_name.append((now, by_name))
         cpu = sum(v - self.cpu_base.get(p, 0.0) for p, v in self.cpu_last.items())
         self.samples.append((now, cpu, rss, len(pids)))
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, len(pids))
         return cpu, rss
+
+    def rss_growth_by_name(self, t0: float, t1: float, *, top: int = 8) -> dict[str, list[float]]:
+        """RSS (MiB) by process name at 25 / 50 / 90 % of ``[t0, t1]``, the names that grew
+        most from 25 to 90 % first - where a run's memory goes, not only how much."""
+        xs = [(t, d) for t, d in self.rss_by_name if t0 <= t <= t1]
+        if not xs:
+            return {}
+        at = [xs[min(len(xs) - 1, int(f * len(xs)))][1] for f in (0.25, 0.5, 0.9)]
+        names = set().union(*at)
+        rows = {n: [round(d.get(n, 0) / 2**20, 1) for d in at] for n in names}
+        order = sorted(rows, key=lambda n: (-(rows[n][2] - rows[n][0]), -rows[n][2], n))
+        return {n: rows[n] for n in order[:top]}
 
     def cpu_between(self, t0: float, t1: float) -> float:
         pts = [(t, c) for t, c, _, _ in self.samples]

@@ -69,6 +69,10 @@ def markdown(r: dict) -> str:
         "CPU seconds by process during the pipeline run: " + ", ".join(
             f"{k} {v}" for k, v in list(res.get("cpu_s_by_process", {}).items())[:12]) + ".",
         "",
+        "RSS by process at 25 / 50 / 90 % of the run (MiB, summed over processes of a name; most growth first): "
+        + "; ".join(f"{k} {' / '.join(_fmt(x) for x in v)}" for k, v in res.get("rss_mib_by_process_at", {}).items())
+        + ".",
+        "",
         "## Ledger",
         "",
         f"delivered {led['delivered']} = done {led['done']} (of which work basket {led['workbasket']}) + rejected "
