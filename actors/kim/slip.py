@@ -304,6 +304,11 @@ class RoutingSlip(Entity[SlipState]):
             else:
                 self._park(code or s.error_code or "parked", reason)
 
+    def at_rest(self) -> bool:
+        """A finished mail (done, rejected, parked): its slip is only read again (status,
+        redrive of a parked mail) - from the store."""
+        return is_terminal(self.state.status)
+
     # -- handlers -----------------------------------------------------------------------
     @handles
     def on_receive(self, msg: Receive) -> ReceiveReply:

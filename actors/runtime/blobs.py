@@ -96,9 +96,13 @@ class BlobStore:
         self._last_write = -1  # token of the latest finished write (-1: none yet)
         self._unsynced: list[Path] = []  # written, not yet synced (fallback: fsync each)
         self.stats = {"puts": 0, "syncs": 0}
+        self._dirs: set[str] = set()  # fan-out directories known to exist (a deleted one: see _write)
 
     # ---- refs -----------------------------------------------------------------------
     def _path(self, ref: str) -> Path:
+        return Path(self._spath(ref))
+
+    def _spath(self, ref: str) -> str:
         if not isinstance(ref, str):
             raise ValueError(f"blob ref must be a str, not {type(ref).__name__}")
         m = _REF_RE.match(ref)
@@ -106,19 +110,29 @@ class BlobStore:
             raise ValueError(f"invalid blob ref {ref!r}: expected '<kind>/<2 hex>/<30 hex>'")
         # the pattern admits no '.', '/' or '..': a ref cannot leave the store (no
         # Path.resolve() per access - 4 % of a KIM worker host's samples in the 240k run)
-        return Path(f"{self._root_s}/{m.group(1)}/{m.group(2)}/{m.group(3)}")
+        return f"{self._root_s}/{m.group(1)}/{m.group(2)}/{m.group(3)}"
 
     # ---- write ----------------------------------------------------------------------
-    def _write(self, path: Path, data: bytes, *, sync: bool = True) -> None:
+    def _write(self, path: Path | str, data: bytes, *, sync: bool = True) -> None:
         """Atomic write (temp file + rename); durable at once (``sync``) or at the next
         :meth:`sync` (group commit)."""
-        created = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        path = str(path)
+        parent = os.path.dirname(path)
+        created = False
+        if parent not in self._dirs:  # one mkdir per fan-out directory and process, not per put
+            created = not os.path.isdir(parent)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            self._dirs.add(parent)
+        # temp name from 64 random bits; O_EXCL: never an existing file, mode 0600 at creation
+        tmp = f"{parent}/.tmp-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -130,9 +144,9 @@ class BlobStore:
             token = self._b_started
             self._last_write = max(self._last_write, token)
             if self._syncfs is None:
-                self._unsynced.append(path)
+                self._unsynced.append(Path(path))
                 if created:  # make the new directory entries durable too
-                    self._unsynced.extend([path.parent.parent, path.parent.parent.parent])
+                    self._unsynced.extend([Path(parent).parent, Path(parent).parent.parent])
         if sync:
             self.sync(token)
 
@@ -199,8 +213,8 @@ class BlobStore:
         while True:
             h = secrets.token_hex(16)
             ref = f"{kind}/{h[:2]}/{h[2:]}"
-            path = self._path(ref)
-            if not path.exists():  # 128 random bits: practically always
+            path = self._spath(ref)
+            if not os.path.exists(path):  # 128 random bits: practically always
                 break
         self._write(path, self.keyring.encrypt(bytes(data), ref.encode()), sync=sync)
         self.stats["puts"] += 1
@@ -209,9 +223,10 @@ class BlobStore:
     # ---- read -----------------------------------------------------------------------
     def get(self, ref: str) -> bytes:
         """The plaintext; BlobNotFound if absent, IntegrityError if the file was altered."""
-        path = self._path(ref)
+        path = self._spath(ref)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise BlobNotFound(ref) from None
         try:

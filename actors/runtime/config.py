@@ -91,6 +91,11 @@ class RuntimeConfig(_Section):
     handover_drain_s: float = Field(60.0, gt=0)  # a moved shard's entities get this long to finish
     host_num_cpus: float | None = Field(None, ge=0)  # CPUs per shard host actor (None: the kind's)
     host_scheduling: Literal["DEFAULT", "SPREAD"] = "DEFAULT"  # SPREAD: hosts over the nodes
+    # Ray task events (the dashboard's per-call task list) for the shard hosts' calls: off -
+    # thousands of batch calls a second, each reported to the GCS, cost CPU in every process
+    # and GCS memory and tell an operator nothing the hosts' metrics do not (Ray Serve turns
+    # them off for its replicas for the same reason). The actors themselves still show.
+    host_task_events: bool = False
     control_resource: str | None = None  # a resource only the head has: supervisors etc. stay there
 
 

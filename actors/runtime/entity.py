@@ -166,6 +166,13 @@ class Entity(Generic[S]):
     def on_activate(self) -> None:
         """Called after the state was loaded (or created). Override if needed."""
 
+    def at_rest(self) -> bool:
+        """Is this entity's work over (a finished mail, a closed case)? Its host then lets
+        it go as soon as its state is stored and nothing is queued for it, instead of
+        keeping it ``passivate_after_s`` in memory; a later message activates it again
+        from the store. Override where the state says so; default: never."""
+        return False
+
 
 def wall_clock() -> float:
     return time.time()

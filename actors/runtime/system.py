@@ -16,7 +16,8 @@ def host_actor_options(kind: EntityKind, cfg=None) -> dict:
     ``runtime.host_scheduling: SPREAD`` spreads them over the nodes."""
     rt = getattr(cfg, "runtime", None)
     cpus = kind.num_cpus if rt is None or rt.host_num_cpus is None else max(kind.num_cpus, rt.host_num_cpus)
-    opts = {"num_cpus": cpus, "max_concurrency": kind.max_concurrency}
+    opts = {"num_cpus": cpus, "max_concurrency": kind.max_concurrency,
+            "enable_task_events": bool(getattr(rt, "host_task_events", False))}
     if rt is not None and rt.host_scheduling != "DEFAULT":
         opts["scheduling_strategy"] = rt.host_scheduling
     return opts

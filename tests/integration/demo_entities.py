@@ -92,3 +92,12 @@ class Secret(Entity[CounterState]):
     def on_add(self, msg: Add) -> Total:
         self.state.total += msg.n
         return Total(total=self.state.total, seen={}, count=0)
+
+
+class Tally(Counter):
+    """A counter whose work is over at a total of 100 or more (``at_rest``)."""
+
+    kind = "test.tally"
+
+    def at_rest(self) -> bool:
+        return self.state.total >= 100

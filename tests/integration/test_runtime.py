@@ -219,6 +219,36 @@ async def test_a_stateless_pool_keeps_no_entity_once_it_is_idle(cfg, stack, ray_
             ray.kill(h)
 
 
+async def test_an_entity_at_rest_leaves_memory_once_stored_and_comes_back_from_the_store(cfg, stack, ray_session,
+                                                                                        redis_client):
+    """Regression (load test RSS): finished routing slips stayed in the slip hosts for
+    ``passivate_after_s`` (300 s): ~15,000 of them, half a GiB, in a throughput run. An
+    entity whose state says its work is over (``at_rest``) now goes as soon as it is stored
+    and idle; the next message finds its state in the store. Entities still at work stay."""
+    kind = EntityKind(name=f"t{uuid.uuid4().hex[:10]}.tally", entity="tests.integration.demo_entities:Tally",
+                      hosts=1)
+    await register_kinds(redis_client, [kind])
+    handles = await asyncio.to_thread(start_hosts, cfg, kind)
+    router = Router(cfg)
+    try:
+        # 200 entities reach 100 (at rest: finished), 100 stay at 5 (still at work)
+        await asyncio.gather(*(router.ask(kind.name, f"done{i}", Add(n=60)) for i in range(200)))
+        await asyncio.gather(*(router.ask(kind.name, f"done{i}", Add(n=40)) for i in range(200)))
+        await asyncio.gather(*(router.ask(kind.name, f"busy{i}", Add(n=5)) for i in range(100)))
+        st = await handles[0].stats.remote()
+        assert st["active_entities"] == 100, st
+        assert all([await handles[0].is_active.remote(f"busy{i}") for i in range(0, 100, 10)])
+        assert not any([await handles[0].is_active.remote(f"done{i}") for i in range(0, 200, 10)])
+        # the finished ones come back from the store with their state
+        again = await asyncio.gather(*(router.ask(kind.name, f"done{i}", Add(n=1)) for i in range(200)))
+        assert {a.total for a in again} == {101} and {a.count for a in again} == {3}
+        assert (await handles[0].stats.remote())["active_entities"] == 100
+    finally:
+        await router.close()
+        for h in handles:
+            ray.kill(h)
+
+
 async def test_durable_timer_fires_after_host_is_killed(cfg, hosted):
     kind, router, handles = await hosted(hosts=1)
     await router.ask(kind.name, "t", Remind(delay_s=1.5, n=40))

@@ -91,3 +91,22 @@ async def test_slip_records_each_step_of_a_segment(ports, gen):
     slip.ctx._effects = Effects()
     assert not slip.on_results(StepResults(mail_id="m1", results=res)).accepted
     assert slip.ctx._effects.tells == []
+
+
+async def test_a_slip_is_at_rest_only_once_its_mail_is_finished(ports, gen):
+    """The slip host lets a finished slip go at once (``at_rest``); one still at work stays."""
+    mail = gen.eau()
+    slip = _slip(ports)
+    slip.ctx._effects = Effects()
+    assert not slip.at_rest()  # new
+    slip.on_receive(Receive(mail_id="m1", mailbox="b", blob=ports.blobs.put(mail.raw, kind="mail"), procedure="eAU_Lieferung"))
+    (_, _, order), = slip.ctx._effects.tells
+    for _ in range(100):
+        assert not slip.at_rest(), slip.state.status  # received / running / waiting
+        res = await run_chain(order, ports)
+        slip.ctx._effects = Effects()
+        assert slip.on_results(StepResults(mail_id="m1", results=res)).accepted
+        if slip.state.status in ("done", "rejected", "parked"):
+            break
+        (_, _, order), = slip.ctx._effects.tells
+    assert slip.state.status == "done" and slip.at_rest()
