@@ -125,7 +125,13 @@ class BlobStore:
             self._dirs.add(parent)
         # temp name from 64 random bits; O_EXCL: never an existing file, mode 0600 at creation
         tmp = f"{parent}/.tmp-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # the directory was removed behind the cache: make it again
+            created = True
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
         try:
             try:
                 view = memoryview(data)

@@ -157,3 +157,15 @@ def test_group_commit_one_barrier_for_many_puts(tmp_path, ring, use_syncfs):
     assert store.is_durable(store.last_write)
     assert 2 <= store.stats["syncs"] <= 41
     assert not list((tmp_path / "gc").rglob(".tmp-*"))
+
+
+def test_a_put_after_the_store_directories_were_removed_still_works(store):
+    """Fan-out directories are remembered per process; one removed behind the store's back
+    (an operator's cleanup) is made again instead of failing every later put there."""
+    import shutil
+
+    first = [store.put(b"x" * 10, kind="mail") for _ in range(300)]  # every fan-out dir of the kind
+    shutil.rmtree(store.root / "mail")
+    refs = [store.put(b"y" * 10, kind="mail") for _ in range(300)]
+    assert all(store.get(r) == b"y" * 10 for r in refs)
+    assert not any(store.exists(r) for r in first)
