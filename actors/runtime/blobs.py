@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 from pathlib import Path
 
