@@ -320,12 +320,17 @@ class _Service:
     probe: Callable[[], None]
     extra_logs: tuple[Path, ...] = field(default_factory=tuple)
 
-    def pid(self) -> int | None:
+    def written_pid(self) -> int | None:
+        """The pid in the pid file; None while there is none or it is still being written
+        (a daemon creates the file empty and fills it when it flushes)."""
         try:
-            pid = int(self.pid_file.read_text().split()[0])
+            return int(self.pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _alive(pid) and self.marker in _cmdline(pid):
+
+    def pid(self) -> int | None:
+        pid = self.written_pid()
+        if pid is not None and _alive(pid) and self.marker in _cmdline(pid):
             return pid
         return None
 
@@ -738,8 +743,12 @@ class LocalStack:
                 how = (f"was killed by signal {signal.Signals(-rc).name}" if rc < 0
                        else f"exited with code {rc}")
                 raise StackError(self._died(svc, f"{how} right after start"))
-            if pid is None and proc is None and svc.pid_file.exists():
-                raise StackError(self._died(svc, "is not running any more"))
+            if pid is None and proc is None:
+                # dead only if the pid it wrote is gone: an empty pid file (Redis creates it,
+                # then writes) or a title being rewritten (setproctitle) is a daemon starting
+                written = svc.written_pid()
+                if written is not None and not _alive(written):
+                    raise StackError(self._died(svc, "is not running any more"))
             if pid is not None:
                 try:
                     svc.probe()
