@@ -26,7 +26,12 @@ of mails never becomes a queue of step orders longer than the watchdog allows.
 
 A crash between any two steps neither loses nor doubles a mail: before the slip exists
 the mail is still in INBOX (fetched again next time); after, the same ``mail_id`` finds
-the slip ("already owned") and the mail is only moved. Errors reconnect with backoff.
+the slip ("already owned") and the mail is only moved. A MOVE cut off half-way (the
+server made the copy in ``Verarbeitet``, then died before it expunged the mail from
+INBOX) is settled from the move journal (``automat:kim:moving``, written before every
+MOVE): the next session finds the copy and only expunges the original, so the mail is
+archived once - while the same mail delivered twice on purpose is still archived twice.
+Errors reconnect with backoff.
 """
 
 from __future__ import annotations
@@ -44,12 +49,15 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from pydantic import BaseModel
+
 from actors.runtime import metrics
 from supervisors.child import Supervised
 
 log = logging.getLogger("automat.kim.mailbox")
 
 CURSOR_KEY = "automat:kim:cursor"
+MOVE_KEY = "automat:kim:moving"  # field = mailbox user: the MOVE under way (see MoveJournal)
 _STATUS_LUA = """
 local out = {}
 for i, k in ipairs(KEYS) do
@@ -107,7 +115,7 @@ class MailboxFetcher(Supervised):
         self._started = False
         self._stopping = False
         self.counts: dict[str, dict[str, int]] = {b.user: {"fetched": 0, "created": 0, "owned": 0, "moved": 0,
-                                                          "errors": 0, "hot_pickups": 0} for b in self.boxes}
+                                                          "errors": 0, "hot_pickups": 0, "move_settled": 0} for b in self.boxes}
         self.state: dict[str, str] = {b.user: "starting" for b in self.boxes}
         self._inflight: collections.deque[str] = collections.deque()
         mx = getattr(cfg.kim, "max_in_flight", 0) or 0
@@ -272,6 +280,21 @@ class MailboxFetcher(Supervised):
     async def _save_cursor(self, user: str, uidvalidity: int, last_uid: int) -> None:
         await self.redis.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": last_uid}))
 
+    async def _settle_cut_move(self, user: str, client) -> None:
+        """A MOVE of this mailbox that did not report back (journal entry left): expunge
+        from INBOX what its copy already reached in ``Verarbeitet``, then forget it."""
+        raw = await self.redis.hget(MOVE_KEY, user)
+        if not raw:
+            return
+        journal = MoveJournal.model_validate_json(raw)
+        settled = await self._run(settle_cut_move, client, journal, self.cfg.kim.done_folder)
+        if settled:
+            self.counts[user]["move_settled"] += len(settled)
+            FETCHED.inc(len(settled), mailbox=user, result="cut_move_settled")
+            log.warning("mailbox %s: a cut-off MOVE had already archived %d mail(s); expunged them "
+                        "from INBOX only (UIDs %s)", user, len(settled), settled[:20])
+        await self.redis.hdel(MOVE_KEY, user)
+
     async def _loop(self, box, client) -> None:
         user = box.user
         idle_ok = b"IDLE" in (await self._run(client.capabilities))
@@ -280,6 +303,7 @@ class MailboxFetcher(Supervised):
         # arrives right after a start is not picked up 500 ms late (the first mail of each of
         # 20 load-test mailboxes was 2.4 % of a rate-7 run, all above 500 ms)
         last_mail = time.monotonic()
+        await self._settle_cut_move(user, client)
         while not self._stopping:
             info = await self._run(client.select_folder, "INBOX")
             uidvalidity = int(info[b"UIDVALIDITY"])
@@ -386,12 +410,21 @@ class MailboxFetcher(Supervised):
         errors = [r for r in results if isinstance(r, BaseException)]
         if owned:
             owned.sort()
+            # journal first: a MOVE the server cuts off after its copy is settled next session
+            nxt = await self._run(self._done_uidnext, client)
+            await self.redis.hset(MOVE_KEY, user, MoveJournal(
+                uidvalidity=uidvalidity, uids=owned, done_uidnext=nxt).model_dump_json())
             await self._run(self._move, client, owned)
             self.counts[user]["moved"] += len(owned)
         if errors:
+            if owned:
+                await self.redis.hdel(MOVE_KEY, user)
             raise errors[0]
-        # every UID of the chunk is owned (or vanished): advance the cursor
-        await self._save_cursor(user, uidvalidity, max(uids))
+        # every UID of the chunk is owned (or vanished) and moved: advance the cursor
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hdel(MOVE_KEY, user)
+            p.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": max(uids)}))
+            await p.execute()
 
     def _put_blob(self, raw: bytes) -> str:
         return self.blobs.put(raw, kind=BLOB_KIND)
@@ -403,6 +436,10 @@ class MailboxFetcher(Supervised):
             self.blobs.sync()
         return refs
 
+    def _done_uidnext(self, client) -> int:
+        st = client.folder_status(self.cfg.kim.done_folder, [b"UIDNEXT"])
+        return int(st[b"UIDNEXT"])
+
     def _move(self, client, uids: list[int]) -> None:
         folder = self.cfg.kim.done_folder
         if client.has_capability("MOVE"):
@@ -411,6 +448,56 @@ class MailboxFetcher(Supervised):
             client.copy(uids, folder)
             client.add_flags(uids, [b"\\Deleted"])
             client.uid_expunge(uids) if client.has_capability("UIDPLUS") else client.expunge()
+
+
+class MoveJournal(BaseModel):
+    """The MOVE a mailbox actor is about to make (Redis hash ``automat:kim:moving``, field =
+    mailbox user), written before it and removed with the cursor advance after it. Left
+    behind, it means the MOVE did not report back: the server may have made the copies in
+    ``Verarbeitet`` without expunging the originals from INBOX."""
+
+    uidvalidity: int  # of INBOX
+    uids: list[int]  # INBOX UIDs being moved (each owned by its slip)
+    done_uidnext: int  # UIDNEXT of the done folder before the MOVE: its copies get UIDs >= this
+
+
+def _digests(client, uids: list[int]) -> dict[int, str]:
+    if not uids:
+        return {}
+    out = {}
+    for uid, data in client.fetch(uids, ["BODY.PEEK[]"]).items():
+        if b"BODY[]" in data:
+            out[uid] = hashlib.sha256(bytes(data[b"BODY[]"])).hexdigest()
+    return out
+
+
+def settle_cut_move(client, journal: MoveJournal, done_folder: str) -> list[int]:
+    """Expunge from INBOX each journalled mail whose copy the cut-off MOVE already made in
+    ``done_folder``; returns their UIDs. A copy is a mail of the done folder with a UID the
+    MOVE could have given (>= ``done_uidnext``) and the same bytes - one copy pairs with one
+    original, so the same mail delivered twice and moved twice stays archived twice, and a
+    mail the MOVE never reached stays in INBOX (moved again after its slip says "owned")."""
+    info = client.select_folder("INBOX")
+    if int(info[b"UIDVALIDITY"]) != journal.uidvalidity or not journal.uids:
+        return []  # another INBOX: its UIDs mean other mails
+    still = sorted(set(client.search(["UID", ",".join(map(str, journal.uids))])) & set(journal.uids))
+    originals = _digests(client, still)
+    if not originals:
+        return []
+    client.select_folder(done_folder, readonly=True)
+    copies = collections.Counter(_digests(client, [u for u in client.search(["UID", f"{journal.done_uidnext}:*"])
+                                                   if u >= journal.done_uidnext]).values())
+    client.select_folder("INBOX")
+    settled = []
+    for uid in still:
+        d = originals.get(uid)
+        if d is not None and copies[d] > 0:
+            copies[d] -= 1
+            settled.append(uid)
+    if settled:
+        client.add_flags(settled, [b"\\Deleted"])
+        client.uid_expunge(settled) if client.has_capability("UIDPLUS") else client.expunge()
+    return settled
 
 
 def empty_mailbox(cfg, user: str, password: str | None = None, folders: tuple[str, ...] = ("INBOX",)) -> int:

@@ -232,6 +232,69 @@ async def test_refetch_after_crash_is_not_processed_twice(kim, stack):
     assert after["updated_at"] == before["updated_at"]
 
 
+def _imap(kcfg, user: str):
+    from imapclient import IMAPClient
+
+    from actors.kim.mailbox import tls_context
+
+    c = IMAPClient(kcfg.imap.host, port=kcfg.imap.ssl_port, ssl=True, ssl_context=tls_context(kcfg))
+    c.login(user, f"{user}pw")
+    return c
+
+
+async def _inbox_empty(kcfg, user: str, timeout_s: float = 60) -> None:
+    from actors.kim.mailbox import count_mailbox
+
+    deadline = time.monotonic() + timeout_s
+    while await asyncio.to_thread(count_mailbox, kcfg, user) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(count_mailbox, kcfg, user) == 0
+
+
+async def test_a_move_cut_off_after_its_copy_archives_the_mail_once(kim, stack):
+    """Regression (CI chaos run, `moved_twice: 1`): Dovecot died inside a MOVE after it had
+    made the copy in Verarbeitet and before it expunged the mail from INBOX; the mailbox
+    fetched the mail again, its slip said "already owned", and it was moved - archived twice.
+    Here the cut-off MOVE's state is made by hand (the original back in INBOX next to its
+    copy, the journal the actor wrote before the MOVE); the same mail delivered a second
+    time on purpose must still be archived a second time."""
+    from actors.kim.ledger import slip_summaries
+    from actors.kim.mailbox import MOVE_KEY, MoveJournal, count_mailbox
+
+    kcfg, r = kim
+    user, done = kcfg.kim.mailboxes[0].user, kcfg.kim.done_folder
+    c = await asyncio.to_thread(_imap, kcfg, user)
+    try:
+        done_uidnext = int(c.folder_status(done, [b"UIDNEXT"])[b"UIDNEXT"])
+        archived0 = count_mailbox(kcfg, user, folder=done)
+        mail = generated(1, seed=random.randrange(1 << 30))[0]
+        [mid] = deliver(stack, kcfg, [mail.raw])  # -> users[0], moved (its copy: UID >= done_uidnext)
+        led, _ = await wait_terminal(r, [mid], 60)
+        assert led.terminal == 1
+        await _inbox_empty(kcfg, user)
+        assert count_mailbox(kcfg, user, folder=done) == archived0 + 1
+        before = (await slip_summaries(r, [mid]))[mid]
+
+        await stop_kim(kcfg)
+        # the cut-off MOVE: the original still in INBOX, the journal entry left behind
+        c.append("INBOX", mail.raw)
+        info = c.select_folder("INBOX")
+        [original] = c.search(["ALL"])
+        await r.hset(MOVE_KEY, user, MoveJournal(uidvalidity=int(info[b"UIDVALIDITY"]), uids=[original],
+                                                 done_uidnext=done_uidnext).model_dump_json())
+        deliver(stack, kcfg, [mail.raw])  # the same mail once more, on purpose
+    finally:
+        c.logout()
+    await start_kim(kcfg, r)
+
+    await _inbox_empty(kcfg, user)
+    # one copy for the first delivery (not two), one for the second
+    assert count_mailbox(kcfg, user, folder=done) == archived0 + 2
+    assert await r.hget(MOVE_KEY, user) is None
+    after = (await slip_summaries(r, [mid]))[mid]
+    assert after["status"] == before["status"] and after["updated_at"] == before["updated_at"]
+
+
 async def test_parked_slip_is_redriven_by_operator(kim):
     """A step that keeps failing transiently (here: a claim check the store cannot read)
     is retried with backoff up to the road map's attempt limit, then the slip is parked
