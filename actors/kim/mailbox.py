@@ -278,7 +278,17 @@ class MailboxFetcher(Supervised):
         return int(d["uidvalidity"]), int(d["last_uid"])
 
     async def _save_cursor(self, user: str, uidvalidity: int, last_uid: int) -> None:
-        await self.redis.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": last_uid}))
+        """Advance the cursor; the mails below it are moved, so a move journal is done with."""
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hdel(MOVE_KEY, user)
+            p.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": last_uid}))
+            await p.execute()
+
+    async def _journal_move(self, user: str, journal: MoveJournal | None) -> None:
+        if journal is None:
+            await self.redis.hdel(MOVE_KEY, user)
+        else:
+            await self.redis.hset(MOVE_KEY, user, journal.model_dump_json())
 
     async def _settle_cut_move(self, user: str, client) -> None:
         """A MOVE of this mailbox that did not report back (journal entry left): expunge
@@ -293,7 +303,7 @@ class MailboxFetcher(Supervised):
             FETCHED.inc(len(settled), mailbox=user, result="cut_move_settled")
             log.warning("mailbox %s: a cut-off MOVE had already archived %d mail(s); expunged them "
                         "from INBOX only (UIDs %s)", user, len(settled), settled[:20])
-        await self.redis.hdel(MOVE_KEY, user)
+        await self._journal_move(user, None)
 
     async def _loop(self, box, client) -> None:
         user = box.user
@@ -412,19 +422,15 @@ class MailboxFetcher(Supervised):
             owned.sort()
             # journal first: a MOVE the server cuts off after its copy is settled next session
             nxt = await self._run(self._done_uidnext, client)
-            await self.redis.hset(MOVE_KEY, user, MoveJournal(
-                uidvalidity=uidvalidity, uids=owned, done_uidnext=nxt).model_dump_json())
+            await self._journal_move(user, MoveJournal(uidvalidity=uidvalidity, uids=owned, done_uidnext=nxt))
             await self._run(self._move, client, owned)
             self.counts[user]["moved"] += len(owned)
         if errors:
             if owned:
-                await self.redis.hdel(MOVE_KEY, user)
+                await self._journal_move(user, None)
             raise errors[0]
         # every UID of the chunk is owned (or vanished) and moved: advance the cursor
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hdel(MOVE_KEY, user)
-            p.hset(CURSOR_KEY, user, json.dumps({"uidvalidity": uidvalidity, "last_uid": max(uids)}))
-            await p.execute()
+        await self._save_cursor(user, uidvalidity, max(uids))
 
     def _put_blob(self, raw: bytes) -> str:
         return self.blobs.put(raw, kind=BLOB_KIND)

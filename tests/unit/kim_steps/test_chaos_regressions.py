@@ -65,6 +65,9 @@ class _Client:
     def has_capability(self, name):
         return name == "MOVE"
 
+    def folder_status(self, folder, what):
+        return {b"UIDNEXT": 1}
+
     def move(self, uids, folder):
         self.moved += list(uids)
 
@@ -106,6 +109,7 @@ async def test_mailbox_keeps_the_blob_when_its_own_receive_was_resent(tmp_path, 
         return None
 
     f._save_cursor = no_cursor
+    f._journal_move = no_cursor
     raw = gen.eau().raw
     client = _Client({7: raw})
     await f._handle_chunk(cfg.kim.mailboxes[0], client, 1, [7])
