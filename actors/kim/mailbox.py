@@ -296,7 +296,14 @@ class MailboxFetcher(Supervised):
         raw = await self.redis.hget(MOVE_KEY, user)
         if not raw:
             return
-        journal = MoveJournal.model_validate_json(raw)
+        try:
+            journal = MoveJournal.model_validate_json(raw)
+        except ValueError as e:  # not ours / damaged: kept for inspection, the mailbox goes on
+            await self.redis.hset(MOVE_KEY + ":unreadable", user, raw)
+            await self._journal_move(user, None)
+            log.error("mailbox %s: unreadable move journal kept under %s:unreadable (%s)", user, MOVE_KEY,
+                      str(e).splitlines()[0])
+            return
         settled = await self._run(settle_cut_move, client, journal, self.cfg.kim.done_folder)
         if settled:
             self.counts[user]["move_settled"] += len(settled)

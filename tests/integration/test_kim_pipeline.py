@@ -295,6 +295,25 @@ async def test_a_move_cut_off_after_its_copy_archives_the_mail_once(kim, stack):
     assert after["status"] == before["status"] and after["updated_at"] == before["updated_at"]
 
 
+async def test_an_unreadable_move_journal_is_kept_and_the_mailbox_goes_on(kim, stack):
+    """A damaged move journal must not stop a mailbox (it would fail every session): it is
+    kept under ``automat:kim:moving:unreadable`` and new mail is fetched as usual."""
+    from actors.kim.mailbox import MOVE_KEY
+
+    kcfg, r = kim
+    user = kcfg.kim.mailboxes[0].user
+    await stop_kim(kcfg)
+    await r.hset(MOVE_KEY, user, b"{not json")
+    await start_kim(kcfg, r)
+    mail = generated(1, seed=random.randrange(1 << 30))[0]
+    ids = deliver(stack, kcfg, [mail.raw])
+    led, _ = await wait_terminal(r, ids, 60)
+    assert led.terminal == 1
+    assert await r.hget(MOVE_KEY + ":unreadable", user) == b"{not json"
+    assert await r.hget(MOVE_KEY, user) is None
+    await r.hdel(MOVE_KEY + ":unreadable", user)
+
+
 async def test_parked_slip_is_redriven_by_operator(kim):
     """A step that keeps failing transiently (here: a claim check the store cannot read)
     is retried with backoff up to the road map's attempt limit, then the slip is parked
