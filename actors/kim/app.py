@@ -55,6 +55,27 @@ def supervisor_spec(cfg, *, name: str = "kim") -> SupervisorSpec:
                           parallel_start=True, children=hosts + fetcher_specs(cfg))
 
 
+async def pipeline_ready(cfg, *, timeout_s: float = 60.0) -> list[dict]:
+    """Wait for the readiness probe (``ready()``) of every slip host, worker host and
+    mailbox actor: started, lanes to the next kind open, IMAP sessions logged in. Returns
+    each one's answer; one that does not answer in time is reported with its error
+    (the pipeline still works - its first mails pay for the start-up)."""
+    from actors.kim.mailbox import fetcher_name
+    from supervisors.resolve import resolve_async
+
+    names = [k.host_name(i) for k in kinds(cfg) for i in range(k.host_count(cfg))]
+    names += [fetcher_name(i) for i in range(cfg.kim.fetchers)]
+
+    async def one(name: str) -> dict:
+        try:
+            h = await resolve_async(name, namespace=cfg.runtime.namespace, timeout_s=timeout_s)
+            return await asyncio.wait_for(h.ready.remote(), timeout_s)
+        except Exception as e:
+            return {"host": name, "error": f"{type(e).__name__}: {e}"[:200]}
+
+    return list(await asyncio.gather(*(one(n) for n in names)))
+
+
 def fixture_mails() -> list[Path]:
     """The real sample KIM mails (``fixtures/kim/**/*.eml``)."""
     return sorted(Path(p) for p in glob.glob(str(FIXTURES / "**" / "*.eml"), recursive=True))

@@ -55,6 +55,7 @@ from actors.runtime import metrics
 from supervisors.child import Supervised
 
 log = logging.getLogger("automat.kim.mailbox")
+SLIP_KIND = "kim.slip"
 
 CURSOR_KEY = "automat:kim:cursor"
 MOVE_KEY = "automat:kim:moving"  # field = mailbox user: the MOVE under way (see MoveJournal)
@@ -145,8 +146,22 @@ class MailboxFetcher(Supervised):
         self.blobs = BlobStore(self.cfg.blob.dir, KeyRing.from_file(self.cfg.crypto.keys_file))
         self.pseudo = Pseudonymizer.from_file(self.cfg.crypto.pseudonym_key_file)
         loop = asyncio.get_running_loop()
+        # warm-up: the lanes to the slip hosts open before the first mail is picked up
+        self._warm_task = loop.create_task(self._warm())
         for box in self.boxes:
             self._tasks[box.user] = loop.create_task(self._serve(box))
+
+    async def _warm(self) -> int:
+        # what the first fetched chunk would import (the slip's messages, the procedure peek)
+        import actors.kim.slip  # noqa: F401
+        import protocols.kim.roadmap  # noqa: F401
+
+        try:
+            return await self.router.warm(SLIP_KIND)
+        except Exception as e:
+            log.info("%s: warm-up of the lanes to the slip hosts failed (%s)", fetcher_name(self.index),
+                     type(e).__name__)
+            return 0
 
     async def supervised_info(self) -> dict:
         self._ensure_started()
@@ -159,6 +174,21 @@ class MailboxFetcher(Supervised):
     async def start(self) -> int:
         self._ensure_started()
         return len(self.boxes)
+
+    async def ready(self) -> dict:
+        """Readiness probe: the lanes to every slip host open (again, if a slip host
+        came up after this actor) and each mailbox's IMAP session logged in."""
+        self._ensure_started()
+        hosts = await asyncio.shield(self._warm_task)
+        want = len(set((await self.router.shard_map(SLIP_KIND)).owner))
+        if hosts < want:
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm())
+            hosts = await asyncio.shield(self._warm_task)
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and any(st in ("starting", "connecting") for st in self.state.values()):
+            await asyncio.sleep(0.05)
+        return {"host": fetcher_name(self.index), "hosts": {SLIP_KIND: hosts},
+                "mailboxes": dict(self.state)}
 
     async def on_stop(self) -> None:
         self._stopping = True

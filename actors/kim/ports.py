@@ -110,6 +110,15 @@ class KimPorts:
     def pseudonym(self, value: str, domain: str) -> str:
         return self.pseudonymizer.pseudonym(value, domain)
 
+    async def warm(self) -> None:
+        """The worker host's warm-up (``ShardHost._warm``): the step code imported, the
+        road maps loaded and a Redis connection open before the first order comes."""
+        from actors.kim.steps import roadmap_versions
+
+        roadmap_versions()
+        if self.redis is not None:
+            await self.redis.ping()
+
     async def durable(self) -> None:
         """Group commit of the blob store for this process: every blob written before
         this call is durable when it returns. Concurrent callers (the orders a worker runs

@@ -194,6 +194,7 @@ class RoutingSlip(Entity[SlipState]):
     kind = KIND
     State = SlipState
     personal_data = False  # control information only (checked by the leak scan tests)
+    talks_to = (WORKER_KIND,)
 
     # -- helpers ------------------------------------------------------------------------
     @property

@@ -79,6 +79,7 @@ class WorkerAck(BaseModel):
 class StepWorker(Entity[WorkerState]):
     kind = KIND
     State = WorkerState
+    talks_to = (SLIP_KIND,)
 
     @handles(readonly=True)
     async def on_order(self, msg: StepOrder) -> WorkerAck:

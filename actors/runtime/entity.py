@@ -126,6 +126,8 @@ class Entity(Generic[S]):
     State: ClassVar[type[BaseModel]]
     #: encrypt the stored state (AES-256-GCM) — set for anything with personal data
     personal_data: ClassVar[bool] = False
+    #: the kinds this entity sends to: its host opens those lanes at start (warm-up)
+    talks_to: ClassVar[tuple[str, ...]] = ()
     #: message type -> handler, built at class creation from ``@handles`` methods
     _handlers: ClassVar[dict[type, Handler]] = {}
     _handlers_by_name: ClassVar[dict[str, Handler]] = {}

@@ -108,6 +108,8 @@ class ShardHost(Supervised):
         self._fired_in_round: dict[str, int] = {}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
+        self._warm_task: asyncio.Task | None = None
+        self._warmed: dict = {}
         self._router = None
         # kinds whose handlers are all plain functions take the batch fast path
         self._batch_path = all(not h.is_async for h in self.entity_cls._handlers.values())
@@ -177,7 +179,49 @@ class ShardHost(Supervised):
             self._spawn(self._passivation_loop())
             self._spawn(self._map_loop())
             self._spawn(self._lag_loop())
+            self._warm_task = self._spawn(self._warm())
             self._started = True
+
+    async def _warm(self) -> dict:
+        """Warm-up at start (*Aufwärmen*), so the first mails do not pay for a fresh
+        process: the lanes to the kinds the entity sends to (``Entity.talks_to``) opened,
+        and the ports' own ``warm()`` (imports, caches) run. Best effort: what fails here
+        is done again by the first message that needs it."""
+        t0 = time.monotonic()
+        out: dict = {"hosts": {}}
+        for k in self.entity_cls.talks_to:
+            try:
+                out["hosts"][k] = await self._router_().warm(k)
+            except Exception as e:
+                out["hosts"][k] = 0
+                log.info("%s: warm-up of the lanes to %s failed (%s)", self.kind.host_name(self.index), k,
+                         type(e).__name__)
+        warm = getattr(self.ports, "warm", None)
+        if callable(warm):
+            try:
+                made = warm()
+                if asyncio.iscoroutine(made):
+                    await made
+                out["ports"] = True
+            except Exception as e:
+                out["ports"] = False
+                log.info("%s: warm-up of the ports failed (%s: %s)", self.kind.host_name(self.index),
+                         type(e).__name__, e)
+        out["ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+        self._warmed = out
+        return out
+
+    async def ready(self) -> dict:
+        """Started and warmed up: the readiness probe (a load test starts its clock after
+        it). Lanes that were not up at start (their hosts came later) are opened now."""
+        await self._ensure_started()
+        if self._warm_task is not None:
+            await asyncio.shield(self._warm_task)
+        want = {k: len(set((await self._router_().shard_map(k)).owner)) for k in self.entity_cls.talks_to}
+        if any(self._warmed.get("hosts", {}).get(k, 0) < n for k, n in want.items()):
+            self._warm_task = self._spawn(self._warm())
+            await asyncio.shield(self._warm_task)
+        return {"host": self.kind.host_name(self.index), **self._warmed}
 
     async def _start_in_background(self) -> None:
         """Start timers etc. without waiting for a first message: a host that was restarted,

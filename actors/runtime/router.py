@@ -489,6 +489,28 @@ class Router:
             raise EntityError(r)
         return r
 
+    async def warm(self, kind: str, *, timeout_s: float = 10.0) -> int:
+        """Open the lanes to every host of ``kind`` before the first message
+        (*Aufwärmen*): resolve each owner's handle and call it once. On a fresh cluster
+        the first message otherwise pays the name lookup and the connection set-up -
+        100-400 ms, the whole p99 budget of a mail. Returns the hosts that answered;
+        a host that does not (yet) is resolved again by the first message to it."""
+        m = await self.shard_map(kind)
+        names = sorted({f"{kind}.host.{o}" for o in m.owner})
+
+        async def one(name: str) -> None:
+            lane = self._lanes.get(name)
+            if lane is None:
+                lane = self._lanes[name] = _Lane(self, name, kind)
+            handle = await lane._handle()
+            await asyncio.wait_for(handle.pid.remote(), timeout_s)
+
+        done = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        for n, r in zip(names, done):
+            if isinstance(r, BaseException):
+                log.debug("warm-up: %s did not answer (%s)", n, type(r).__name__)
+        return sum(1 for r in done if not isinstance(r, BaseException))
+
     def flush(self) -> None:
         for lane in self._lanes.values():
             lane.flush()

@@ -276,6 +276,23 @@ async def _step_stats(redis, ids: list[str], sample: int = 3000) -> list[dict]:
     return sorted(out, key=lambda s: -s["runs"])
 
 
+async def _slowest(redis, delivered: dict[str, float], summaries: dict, t0: float, n: int = 12) -> list[dict]:
+    """The ``n`` mails with the longest delivered -> terminal time, each broken down
+    (:func:`report.latency_breakdown`) - what sets the p99."""
+    from actors.runtime.store import state_key
+
+    lat = [(s["finished_at"] - delivered[m], m) for m, s in summaries.items()
+           if s and s.get("finished_at") and m in delivered]
+    top = [m for _, m in sorted(lat, reverse=True)[:n]]
+    if not top:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for m in top:
+        pipe.hget(state_key("kim.slip", m), "s")
+    return [rep.latency_breakdown(delivered[m], json.loads(raw), t0)
+            for m, raw in zip(top, await pipe.execute()) if raw]
+
+
 def _windows(t0: float, end: float, finish: list[tuple[float, float]], delivered: list[float], width: float = 10.0):
     """Per window: terminal/s, delivered/s, latency percentiles of mails finished in it."""
     series = {"t": [], "done_per_s": [], "offered_per_s": [], "lat_p50": [], "lat_p95": [], "lat_p99": []}
@@ -475,7 +492,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                         stack) -> dict:
     import ray
 
-    from actors.kim.app import kinds, supervisor_spec
+    from actors.kim.app import kinds, pipeline_ready, supervisor_spec
     from actors.kim.ledger import ledger_of, slip_summaries
     from actors.runtime.router import register_kinds
     from deploy.app import infra_spec, ray_env
@@ -517,10 +534,17 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                                 timeout_s=600)  # a busy machine starts actors slowly
         console.print(f"pipeline up after {time.time() - t_start:.1f} s (Ray, {lcfg.kim.slip_hosts} slip hosts, "
                       f"{lcfg.kim.worker_hosts} worker hosts, {lcfg.kim.fetchers} mailbox actors, outbox relay)")
+        warm = await pipeline_ready(lcfg)
+        cold = [w for w in warm if w.get("error")]
+        console.print(f"pipeline warm after {time.time() - t_start:.1f} s (lanes open, IMAP sessions logged in"
+                      + (f"; not ready: {', '.join(w['host'] for w in cold)}" if cold else "") + ")")
+        if cold:
+            notes.append("not warm when the clock started: " + "; ".join(f"{w['host']} ({w['error']})" for w in cold))
         mon.start()
         if opt.rate:
             feeder = RateFeeder(lcfg, users, opt.mails, opt.rate, seed=seed, mix=mix, fault_rate=opt.faults,
                                 keep_raw=keep_raw)
+            await asyncio.to_thread(feeder.connect)
             feed_task = asyncio.get_running_loop().create_task(feeder.run())
             t0 = time.time()
         else:
@@ -553,6 +577,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         led = ledger_of(summaries)
         inbox_left = await _inbox_left(lcfg, users)
         steps = await _step_stats(redis, ids)
+        slowest = await _slowest(redis, {m.mail_id: m.delivered_at for m in fed}, summaries, t0)
         scaling = await _autoscaler_timeline(lcfg, t0)
         # ---- the baselines, with the pipeline stopped
         await asyncio.to_thread(stop_root, namespace=lcfg.runtime.namespace, name=ROOT_NAME)
@@ -666,6 +691,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         "baselines": baselines,
         "autoscaler": scaling,
         "steps": steps,
+        "slowest": slowest,
         "notes": notes,
         "_series": series,
     }

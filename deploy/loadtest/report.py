@@ -16,6 +16,34 @@ def pct(xs: list[float], p: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def latency_breakdown(delivered_at: float, slip: dict, t0: float) -> dict:
+    """Where one mail's end-to-end time went, from its slip (``history``: per step the
+    wall time ``started -> ended`` on the slip and the worker's own ``worker_ms``):
+
+    * ``pickup_ms`` - delivered into IMAP -> slip created (mailbox actor: poll/IDLE, fetch);
+    * ``work_ms`` - the step code itself (sum of ``worker_ms``);
+    * ``wait_ms`` - the rest of slip created -> terminal: Ray hops, queueing behind other
+      mails, durable commits;
+    * the step with the longest wall time (its wall and worker ms)."""
+    created = slip.get("created_at") or delivered_at
+    finished = slip.get("finished_at") or slip.get("updated_at") or created
+    hist = slip.get("history") or []
+    work = sum(h.get("worker_ms") or 0.0 for h in hist)
+    walls = [((h.get("ended") or h["started"]) - h["started"], h) for h in hist if h.get("started")]
+    worst_wall, worst = max(walls, key=lambda x: x[0], default=(0.0, {}))
+    return {
+        "at_s": round(delivered_at - t0, 2),
+        "latency_ms": round((finished - delivered_at) * 1000.0, 1),
+        "pickup_ms": round((created - delivered_at) * 1000.0, 1),
+        "work_ms": round(work, 1),
+        "wait_ms": round((finished - created) * 1000.0 - work, 1),
+        "steps": len(hist),
+        "slowest_step": worst.get("step"),
+        "slowest_step_wall_ms": round(worst_wall * 1000.0, 1),
+        "slowest_step_worker_ms": round(worst.get("worker_ms") or 0.0, 1),
+    }
+
+
 def summary_line(r: dict) -> str:
     p99 = r["latency_ms"]["p99"]
     return (f"mails={r['mails']}  mails_per_s={r['throughput']['mails_per_s']}  "
@@ -102,6 +130,17 @@ def markdown(r: dict) -> str:
         lines += ["## Steps (p50 / p99 ms, from the slips' histories)", "", "| step | runs | p50 | p99 |", "|---|---|---|---|"]
         for s in r["steps"][:45]:
             lines.append(f"| {s['step']} | {s['runs']} | {_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} |")
+        lines.append("")
+    if r.get("slowest"):
+        lines += ["## The slowest mails (where their time went)", "",
+                  "at: delivered, seconds after the clock started; pick-up: delivered -> slip created; work: the "
+                  "step code; wait: Ray hops, queueing and commits between the steps.", "",
+                  "| at s | latency ms | pick-up ms | work ms | wait ms | steps | longest step (wall / worker ms) |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in r["slowest"]:
+            lines.append(f"| {_fmt(m['at_s'])} | {_fmt(m['latency_ms'])} | {_fmt(m['pickup_ms'])} | "
+                         f"{_fmt(m['work_ms'])} | {_fmt(m['wait_ms'])} | {m['steps']} | {m['slowest_step']} "
+                         f"({_fmt(m['slowest_step_wall_ms'])} / {_fmt(m['slowest_step_worker_ms'])}) |")
         lines.append("")
     if r.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]

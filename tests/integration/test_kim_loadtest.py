@@ -74,8 +74,14 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     steps = {s["step"] for s in r["steps"]}
     assert {"parse_mime", "verify_chain", "deposit_core", "release_record"} <= steps
     assert len(r["series"]["t"]) == len(r["series"]["done_per_s"]) > 0
+    # the slowest mails, broken down: they set the p99, and their parts add up to their latency
+    slow = r["slowest"]
+    assert 0 < len(slow) <= 12 and slow[0]["latency_ms"] == pytest.approx(lat["max"], abs=1.0)
+    for s in slow:
+        assert s["pickup_ms"] + s["work_ms"] + s["wait_ms"] == pytest.approx(s["latency_ms"], abs=0.5)
+        assert s["steps"] > 0 and s["slowest_step"]
 
     md = (out / "report.md").read_text()
-    assert "## Ledger" in md and "## Baselines" in md and md.rstrip().endswith(last.strip())
+    assert "## Ledger" in md and "## Baselines" in md and "## The slowest mails" in md and md.rstrip().endswith(last.strip())
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
