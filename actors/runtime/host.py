@@ -217,7 +217,13 @@ class ShardHost(Supervised):
         await self._ensure_started()
         if self._warm_task is not None:
             await asyncio.shield(self._warm_task)
-        want = {k: len(set((await self._router_().shard_map(k)).owner)) for k in self.entity_cls.talks_to}
+        want: dict[str, int] = {}
+        for k in self.entity_cls.talks_to:
+            try:
+                want[k] = len(set((await self._router_().shard_map(k)).owner))
+            except Exception as e:  # the kind is not registered (yet): nothing to open
+                log.info("%s: readiness: no shard map of %s (%s)", self.kind.host_name(self.index), k,
+                         type(e).__name__)
         if any(self._warmed.get("hosts", {}).get(k, 0) < n for k, n in want.items()):
             self._warm_task = self._spawn(self._warm())
             await asyncio.shield(self._warm_task)

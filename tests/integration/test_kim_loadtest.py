@@ -81,6 +81,9 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
         assert s["pickup_ms"] + s["work_ms"] + s["wait_ms"] == pytest.approx(s["latency_ms"], abs=0.5)
         assert s["steps"] > 0 and s["slowest_step"]
 
+    # the clock started on a warm pipeline (every host and mailbox actor answered its readiness probe)
+    assert not [n for n in r["notes"] if n.startswith("not warm")], r["notes"]
+
     md = (out / "report.md").read_text()
     assert "## Ledger" in md and "## Baselines" in md and "## The slowest mails" in md and md.rstrip().endswith(last.strip())
     png = (out / "chart.png").read_bytes()
