@@ -228,6 +228,9 @@ async def make_ports(cfg, *, core: CoreSystem | None = None, redis=None, referen
     """The real ports for one worker process (the pool host calls this once)."""
     import redis.asyncio as aioredis
 
+    from actors.kim.steps._base import CACHE
+
+    CACHE.resize(int(cfg.kim.parse_cache_mb * 1024 * 1024))
     keyring = _keyring(cfg)
     r = redis or aioredis.Redis.from_url(cfg.redis.url)
     signer = None

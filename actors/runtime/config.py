@@ -79,7 +79,10 @@ class RuntimeConfig(_Section):
     namespace: str = "automat"
     num_shards: int = Field(64, ge=1, le=4096)
     hosts_per_kind: int = Field(2, ge=1, le=256)
-    batch_window_ms: float = Field(2.0, ge=0, le=1000)
+    # a busy lane's batch window: all of it from batch_full_rate messages/s, less below
+    # (actors.runtime.router.BatchWindow; 2 ms fixed until 2026-11-24: 25 % less throughput)
+    batch_window_ms: float = Field(50.0, ge=0, le=1000)
+    batch_full_rate: float = Field(50.0, gt=0, le=1_000_000)
     batch_max: int = Field(500, ge=1, le=100_000)
     max_inflight_batches: int = Field(8, ge=1, le=1024)
     order_wait_s: float = Field(2.0, gt=0, le=60)  # an early batch waits this long for its predecessors
@@ -139,6 +142,9 @@ class KimConfig(_Section):
     # admission control: mails received but not yet terminal, over all mailbox actors (0 = no
     # limit); beyond it new mails wait in their INBOX (the backlog stays visible in IMAP)
     max_in_flight: int = Field(500, ge=0)
+    # a worker process keeps raw and parsed mails between a mail's segments (step cache,
+    # actors.kim.steps._base._Lru): ~0.35 MB a mail, so 128 MiB hold ~380 mails
+    parse_cache_mb: float = Field(128.0, ge=1, le=65536)
 
 
 class PoolPolicy(_Section):

@@ -120,6 +120,7 @@ class ShardHost(Supervised):
             "messages": 0, "rounds": 0, "commits": 0, "commit_batches": 0, "activations": 0,
             "passivations": 0, "handler_errors": 0, "dead_letters": 0, "unknown": 0,
             "conflicts": 0, "quarantined": 0, "timers_fired": 0, "moved": 0, "held": 0,
+            "batches": 0, "batched_messages": 0,
             "early_batches": 0, "order_gaps": 0,
         }
         # shard ownership (static layout until a versioned map is adopted)
@@ -282,6 +283,8 @@ class ShardHost(Supervised):
         t0 = time.monotonic()
         self._inflight += len(batch)
         metrics.BATCH_SIZE.observe(len(batch), kind=self.kind.name)
+        self.stats_counters["batches"] += 1
+        self.stats_counters["batched_messages"] += len(batch)
         metrics.MESSAGES_HANDLED.inc(len(batch), kind=self.kind.name)
         try:
             futs = []

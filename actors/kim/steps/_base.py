@@ -71,31 +71,65 @@ class Transient(Exception):
 
 # ---------------------------------------------------------------------------- cache
 class _Lru:
-    """Per-process LRU of parsed objects keyed by blob ref (personal data stays in memory)."""
+    """Per-process LRU of raw bytes and parsed objects keyed by ``(kind, blob ref)``,
+    bounded by an estimate of their memory (personal data stays in this process's memory).
 
-    def __init__(self, size: int = 256):
-        self.size = size
-        self._d: OrderedDict[tuple[str, str], Any] = OrderedDict()
+    The budget has to hold every mail a worker host has between two of its segments: a
+    mail leaves the worker after an effect step (``archive_original``) and comes back
+    after a round trip through its slip, while the host works the other mails in flight
+    (~250 per worker host at the admission limit of 500). A bound of 256 entries (~32
+    mails) evicted them in between: the eAU's XML was parsed a second time in
+    ``extract_fields`` - 9 % of the step work in a py-spy of a 6,000-mail run. A mail's
+    entries weigh ~0.35 MB, so the default 128 MiB holds ~380 mails per host.
+
+    ``weight``: bytes count their length; a parsed object the caller's estimate (a
+    multiple of its source, measured with tracemalloc), else ``DEFAULT_WEIGHT``."""
+
+    DEFAULT_WEIGHT = 32 * 1024  # a typed document (eAU, eEB) or a record: ~20 KB
+
+    def __init__(self, budget_bytes: int = 128 * 1024 * 1024):
+        self.budget = budget_bytes
+        self.used = 0
+        self._d: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str]) -> Any:
         with self._lock:
-            if key in self._d:
+            hit = self._d.get(key)
+            if hit is not None:
                 self._d.move_to_end(key)
-                return self._d[key]
+                return hit[0]
         return None
 
-    def put(self, key: tuple[str, str], value: Any) -> Any:
+    def put(self, key: tuple[str, str], value: Any, weight: int | None = None) -> Any:
+        if isinstance(value, (bytes, bytearray)):
+            weight = len(value)
+        w = max(1, int(weight if weight is not None else self.DEFAULT_WEIGHT))
         with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.used -= old[1]
+            self._d[key] = (value, w)
+            self.used += w
+            while self.used > self.budget and len(self._d) > 1:
+                _, (_, ow) = self._d.popitem(last=False)
+                self.used -= ow
         return value
+
+    def resize(self, budget_bytes: int) -> None:
+        with self._lock:
+            self.budget = max(0, int(budget_bytes))
+            while self.used > self.budget and self._d:
+                _, (_, ow) = self._d.popitem(last=False)
+                self.used -= ow
+
+    def __len__(self) -> int:
+        return len(self._d)
 
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
+            self.used = 0
 
 
 CACHE = _Lru()
@@ -135,7 +169,8 @@ def parsed_mail(order: StepOrder, ports) -> ParsedMail:
     hit = CACHE.get(("mail", ref))
     if hit is not None:
         return hit
-    return CACHE.put(("mail", ref), parse_mail(load_blob(order, ports, "raw"), max_bytes=None))
+    raw = load_blob(order, ports, "raw")
+    return CACHE.put(("mail", ref), parse_mail(raw, max_bytes=None), weight=2 * len(raw))
 
 
 def cms(order: StepOrder, ports) -> CmsSignedData:
@@ -143,14 +178,15 @@ def cms(order: StepOrder, ports) -> CmsSignedData:
     hit = CACHE.get(("cms", ref))
     if hit is not None:
         return hit
-    return CACHE.put(("cms", ref), unwrap_cms(load_blob(order, ports, "attachment")))
+    der = load_blob(order, ports, "attachment")
+    return CACHE.put(("cms", ref), unwrap_cms(der), weight=4 * len(der))
 
 
-def cached(kind: str, ref: str, build: Callable[[], Any]) -> Any:
+def cached(kind: str, ref: str, build: Callable[[], Any], weight: int | None = None) -> Any:
     hit = CACHE.get((kind, ref))
     if hit is not None:
         return hit
-    return CACHE.put((kind, ref), build())
+    return CACHE.put((kind, ref), build(), weight)
 
 
 def procedure_of(order: StepOrder) -> Procedure:
