@@ -154,7 +154,19 @@ async def run_chain(order: StepOrder, ports, *, max_steps: int | None = None, sy
             first = results[0]
             return [StepResult(mail_id=order.mail_id, step=first.step, attempt=first.attempt, error=err,
                                started_at=first.started_at, duration_ms=first.duration_ms)]
+    if rm is not None and _ends_mail(rm, results[-1]):
+        # the mail's last step ran: what the cache holds of it is of no further use
+        CACHE.forget({*blobs.values(), *results[-1].blobs.values()})
     return results
+
+
+def _ends_mail(rm, last: StepResult) -> bool:
+    if last.error is not None:
+        return False  # a retry or an error route may still need the parsed mail
+    try:
+        return rm.decide(last).action == "terminal"
+    except Exception:  # noqa: BLE001 - a road map that cannot decide keeps the cache as it is
+        return False
 
 
 async def _run_step(order: StepOrder, ports) -> StepResult:

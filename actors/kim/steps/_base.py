@@ -91,7 +91,20 @@ class _Lru:
         self.budget = budget_bytes
         self.used = 0
         self._d: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
+        self._kinds: dict[str, set[str]] = {}  # blob ref -> the kinds cached for it
         self._lock = threading.Lock()
+
+    def _drop_oldest(self) -> None:
+        (kind, ref), (_, ow) = self._d.popitem(last=False)
+        self.used -= ow
+        self._unindex(kind, ref)
+
+    def _unindex(self, kind: str, ref: str) -> None:
+        ks = self._kinds.get(ref)
+        if ks is not None:
+            ks.discard(kind)
+            if not ks:
+                del self._kinds[ref]
 
     def get(self, key: tuple[str, str]) -> Any:
         with self._lock:
@@ -110,18 +123,31 @@ class _Lru:
             if old is not None:
                 self.used -= old[1]
             self._d[key] = (value, w)
+            self._kinds.setdefault(key[1], set()).add(key[0])
             self.used += w
             while self.used > self.budget and len(self._d) > 1:
-                _, (_, ow) = self._d.popitem(last=False)
-                self.used -= ow
+                self._drop_oldest()
         return value
+
+    def forget(self, refs) -> int:
+        """Drop everything cached for these blob refs (a mail that reached its end: its
+        entries would only wait for eviction, and keep the heap - and the garbage
+        collector's full passes - big). Returns how many entries went."""
+        n = 0
+        with self._lock:
+            for ref in refs:
+                for kind in self._kinds.pop(ref, ()):
+                    hit = self._d.pop((kind, ref), None)
+                    if hit is not None:
+                        self.used -= hit[1]
+                        n += 1
+        return n
 
     def resize(self, budget_bytes: int) -> None:
         with self._lock:
             self.budget = max(0, int(budget_bytes))
             while self.used > self.budget and self._d:
-                _, (_, ow) = self._d.popitem(last=False)
-                self.used -= ow
+                self._drop_oldest()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -129,6 +155,7 @@ class _Lru:
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
+            self._kinds.clear()
             self.used = 0
 
 

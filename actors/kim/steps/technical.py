@@ -57,8 +57,6 @@ async def load_raw(order, ports) -> StepOut:
         raise Transient("blob_missing", "the raw mail is not in the blob store") from None
     except IntegrityError:
         raise Transient("blob_integrity", "the stored raw mail fails its integrity check") from None
-    from actors.kim.steps._base import CACHE
-
     CACHE.put(("bytes", ref), raw)
     digest = hashlib.sha256(raw).hexdigest()
     return StepOut(facts={"raw_bytes": str(len(raw)), "mail_hash": ports.pseudonym(digest, "kim.mail")})
