@@ -8,10 +8,12 @@ message to an idle lane (nothing outstanding) goes at once; on a busy lane it wa
 traffic (``BatchWindow``): a lane that carried ``batch_full_rate`` messages or more in
 the last second waits the whole ``batch_window_ms``, a quieter one proportionally less -
 under load a Ray call costs CPU on both sides whatever it carries, so big batches buy
-throughput; at low load the CPU is free and the window would be only latency. A batch whose host died is re-sent to
-the host's next incarnation (at-least-once); within one host's life, the messages of one
-sender arrive in the order they were sent: each lane numbers its batches, and the host
-lets a batch that Ray started early wait for its predecessors (``ShardHost.deliver``).
+throughput; at low load the CPU is free and the window would be only latency.
+
+A batch whose host died is re-sent to the host's next incarnation (at-least-once);
+within one host's life, the messages of one sender arrive in the order they were sent:
+each lane numbers its batches, and the host lets a batch that Ray started early wait for
+its predecessors (``ShardHost.deliver``).
 
 Which host: the kind's shard map (``actors.runtime.shardmap``; the static layout
 ``shard % hosts`` when none is stored). A host that no longer owns a shard answers
@@ -103,11 +105,11 @@ class BatchWindow:
     """How long a message on a busy lane waits for company: ``max_s`` scaled by the
     lane's traffic of the last full second against ``full_rate`` messages/s.
 
-    Measured (6,000 KIM mails, throughput mode, 2 cores): a fixed 2 ms window gave
-    batches of ~3.6 messages and 62-66 mails/s; 25 / 50 ms gave 76 / 80 mails/s with the
-    shard hosts' CPU 141 -> 117 s. At the rate-mode peak (7 mails/s, lanes at ~10
-    messages/s) a fixed 50 ms put the p99 from 248 up to 302 ms; scaled, such a lane
-    waits ~1/5 of it."""
+    Measured (6,000 KIM mails, throughput mode, 2 cores; docs/loadtest/README.md): a
+    fixed 2 ms window gave batches of ~3.6 messages; 2 ms -> scaled 50 ms, runs
+    alternated: 51 -> 69 mails/s, shard hosts' CPU 181 -> 132 s. At the rate-mode peak
+    (7 mails/s, lanes at ~10 messages/s) a fixed 50 ms put the p99 from 248 up to 302
+    ms; scaled, such a lane waits ~1/5 of it (p99 203-238 ms)."""
 
     __slots__ = ("max_s", "full_rate", "_second", "_count", "rate")
 
