@@ -100,6 +100,7 @@ async def test_a_quiet_lane_sends_each_message_almost_at_once():
     await asyncio.sleep(0.1)
     waits = [t - put_at[m.n] for t, b in host.calls for _, m in b]
     assert len(waits) == 12 and all(len(b) == 1 for _, b in host.calls)
-    # its window is 50 ms x 5/50 = 5 ms, not the 50 ms a loaded lane waits
-    assert statistics.median(waits) < 0.025, waits
+    # its window is 50 ms x 5/50 = 5 ms, not the 50 ms a loaded lane waits (a fixed
+    # window: every wait ~50 ms); the margin is for a busy test machine's event loop
+    assert statistics.median(waits) < 0.040, waits
     lane.sender.cancel()
