@@ -97,9 +97,6 @@ class _Lru:
     def _drop_oldest(self) -> None:
         (kind, ref), (_, ow) = self._d.popitem(last=False)
         self.used -= ow
-        self._unindex(kind, ref)
-
-    def _unindex(self, kind: str, ref: str) -> None:
         ks = self._kinds.get(ref)
         if ks is not None:
             ks.discard(kind)
@@ -209,11 +206,11 @@ def cms(order: StepOrder, ports) -> CmsSignedData:
     return CACHE.put(("cms", ref), unwrap_cms(der), weight=4 * len(der))
 
 
-def cached(kind: str, ref: str, build: Callable[[], Any], weight: int | None = None) -> Any:
+def cached(kind: str, ref: str, build: Callable[[], Any]) -> Any:
     hit = CACHE.get((kind, ref))
     if hit is not None:
         return hit
-    return CACHE.put((kind, ref), build(), weight)
+    return CACHE.put((kind, ref), build())
 
 
 def procedure_of(order: StepOrder) -> Procedure:
