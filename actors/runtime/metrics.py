@@ -66,6 +66,7 @@ PREFIX = "automat_"
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _lock = threading.Lock()
 _registry: dict[str, "_Metric"] = {}
+_KEY_CACHE_MAX = 4096  # tag combinations remembered per metric
 
 
 def _ray_ready() -> bool:
@@ -87,6 +88,7 @@ class _Metric:
         self._ray: Any = None
         self._ray_failed = False
         self._mlock = threading.Lock()
+        self._keys: dict[tuple[tuple[str, Any], ...], tuple[str, ...]] = {}
 
     # -- helpers --------------------------------------------------------------------
     def _tags(self, tags: dict[str, Any]) -> dict[str, str]:
@@ -97,6 +99,25 @@ class _Metric:
 
     def _key(self, tags: dict[str, str]) -> tuple[str, ...]:
         return tuple(tags[k] for k in self.tag_keys)
+
+    def _key_of(self, tags: dict[str, Any] | None, kw: dict[str, Any]) -> tuple[str, ...]:
+        """The tag tuple of one record. The hot path (a step result records three metrics
+        in the KIM slip host): a tag combination seen before costs one dict lookup instead
+        of the validation, conversion and tuple building (9 -> ~2 us per observe)."""
+        if tags:
+            kw = {**tags, **kw}
+        try:
+            probe = tuple(kw.items())
+            return self._keys[probe]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable tag value: validate and convert, uncached
+            return self._key(self._tags(kw))
+        key = self._key(self._tags(kw))  # raises on unknown tags: nothing cached then
+        if len(self._keys) >= _KEY_CACHE_MAX:
+            self._keys.clear()  # a metric with unbounded tag values: start over
+        self._keys[probe] = key
+        return key
 
     def _make_ray(self) -> Any:  # override
         raise NotImplementedError
@@ -133,9 +154,13 @@ class _Metric:
         if m is None:
             return 0
         done = 0
+        tag_dicts: dict[tuple[str, ...], dict[str, str]] = {}  # a histogram sends many per key
         try:
             for method, key, value in calls:
-                getattr(m, method)(value, tags=dict(zip(self.tag_keys, key)))
+                t = tag_dicts.get(key)
+                if t is None:
+                    t = tag_dicts[key] = dict(zip(self.tag_keys, key))
+                getattr(m, method)(value, tags=t)
                 done += 1
         except Exception as e:
             if not self._ray_failed:
@@ -162,14 +187,12 @@ class Counter(_Metric):
         return RayCounter(self.name, self.description, self.tag_keys)
 
     def inc(self, value: float = 1.0, tags: dict[str, Any] | None = None, **kw: Any) -> None:
-        tags = {**(tags or {}), **kw}
         if value <= 0:
             if value == 0:
                 return
             raise ValueError(f"counter {self.name}: increment must be > 0, got {value}")
-        t = self._tags(tags)
+        k = self._key_of(tags, kw)
         with self._mlock:
-            k = self._key(t)
             self._values[k] = self._values.get(k, 0.0) + value
             self._to_ray(k, value)
 
@@ -208,9 +231,8 @@ class Gauge(_Metric):
         return RayGauge(self.name, self.description, self.tag_keys)
 
     def set(self, value: float, tags: dict[str, Any] | None = None, **kw: Any) -> None:
-        t = self._tags({**(tags or {}), **kw})
+        k = self._key_of(tags, kw)
         with self._mlock:
-            k = self._key(t)
             self._values[k] = float(value)
             self._to_ray(k, float(value))
 
@@ -251,14 +273,16 @@ class Histogram(_Metric):
         return RayHistogram(self.name, self.description, self.boundaries, self.tag_keys)
 
     def observe(self, value: float, tags: dict[str, Any] | None = None, **kw: Any) -> None:
-        t = self._tags({**(tags or {}), **kw})
+        k = self._key_of(tags, kw)
         v = float(value)
         with self._mlock:
-            rec = self._values.setdefault(self._key(t), [0, 0.0, [0] * (len(self.boundaries) + 1)])
+            rec = self._values.get(k)
+            if rec is None:
+                rec = self._values[k] = [0, 0.0, [0] * (len(self.boundaries) + 1)]
             rec[0] += 1
             rec[1] += v
             rec[2][bisect.bisect_left(self.boundaries, v)] += 1
-            self._to_ray(self._key(t), v)
+            self._to_ray(k, v)
 
     def _pending_add(self, key: tuple[str, ...], value: float) -> None:
         self._pending.append((key, value))

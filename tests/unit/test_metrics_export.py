@@ -105,3 +105,27 @@ def test_a_failing_ray_metric_is_dropped_and_local_counting_goes_on(in_ray, monk
         c.inc()
     in_ray.flush()
     assert c.value() == 6 and c._pending == {}
+
+
+def test_remembered_tag_sets_still_convert_check_and_merge_like_the_first_record(monkeypatch):
+    """The tag-tuple cache of the hot path (a step result in the KIM slip host records three
+    metrics) must not change what a record means: values become ``str``, a missing tag is
+    ``""``, Ray's ``tags=`` style and keywords merge, an unknown tag is refused every time,
+    and a metric with unbounded tag values does not grow the cache without end."""
+    monkeypatch.setattr(metrics, "_KEY_CACHE_MAX", 8)
+    c = metrics.Counter("automat_t_cached", "t", ("step", "result"))
+    for _ in range(3):
+        c.inc(step="parse_mime", result="ok")
+        c.inc(tags={"step": "parse_mime"}, result="ok")
+        c.inc(step=7)
+    assert c.value(step="parse_mime", result="ok") == 6
+    assert c.snapshot()[("7", "")] == 3
+    for _ in range(2):
+        with pytest.raises(ValueError, match="unknown tag"):
+            c.inc(step="parse_mime", mailbox="x")
+    for i in range(100):
+        c.inc(step=f"s{i}", result="ok")
+    assert len(c._keys) <= 8 and c.value(step="s99", result="ok") == 1
+    h = metrics.Histogram("automat_t_cached_h", "t", (1,), ("step",))
+    h.observe(0.5, step=["unhashable"])  # converted with str(), not cached
+    assert h.count(step="['unhashable']") == 1
