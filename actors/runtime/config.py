@@ -84,6 +84,10 @@ class RuntimeConfig(_Section):
     batch_window_ms: float = Field(50.0, ge=0, le=1000)
     batch_full_rate: float = Field(50.0, gt=0, le=1_000_000)
     batch_max: int = Field(500, ge=1, le=100_000)
+    # a shard host's garbage collector (actors.runtime.gcstats.tune), applied after warm-up:
+    # freeze what start-up left alive; the first generation's threshold (None: Python's 700)
+    gc_freeze: bool = False
+    gc_threshold0: int | None = Field(None, ge=100, le=10_000_000)
     max_inflight_batches: int = Field(8, ge=1, le=1024)
     order_wait_s: float = Field(2.0, gt=0, le=60)  # an early batch waits this long for its predecessors
     passivate_after_s: float = Field(300.0, gt=0)

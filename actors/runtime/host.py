@@ -36,7 +36,7 @@ import ray
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from actors.runtime import metrics
+from actors.runtime import gcstats, metrics
 from actors.runtime.entity import Effects, Entity, EntityContext
 from actors.runtime.nodecpu import CpuMeter, ProcessCpu, node_cpus
 from actors.runtime.kinds import EntityKind, host_of_shard, import_path, shard_of, shards_of_host
@@ -115,6 +115,7 @@ class ShardHost(Supervised):
         self._batch_path = all(not h.is_async for h in self.entity_cls._handlers.values())
         self.keyring = None
         self.ports: Any = None
+        self._gc = gcstats.gc_clock()  # the collector's pauses in this process (stats()["gc"])
         self._clock = time.time
         self.stats_counters = {
             "messages": 0, "rounds": 0, "commits": 0, "commit_batches": 0, "activations": 0,
@@ -209,6 +210,8 @@ class ShardHost(Supervised):
                 log.info("%s: warm-up of the ports failed (%s: %s)", self.kind.host_name(self.index),
                          type(e).__name__, e)
         out["ms"] = round((time.monotonic() - t0) * 1000.0, 1)
+        rt = self.cfg.runtime
+        gcstats.tune(freeze=rt.gc_freeze, threshold0=rt.gc_threshold0)
         self._warmed = out
         return out
 
@@ -466,6 +469,7 @@ class ShardHost(Supervised):
             "queued": sum(len(s.queue) for s in self._slots.values()),
             "host": self.kind.host_name(self.index),
             "pid": os.getpid(),
+            "gc": self._gc.snapshot(),
         }
 
     async def passivate_idle(self, older_than_s: float = 0.0) -> int:

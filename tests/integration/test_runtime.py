@@ -117,6 +117,17 @@ async def test_a_batch_that_arrives_early_waits_for_its_predecessor(hosted):
     assert stats["early_batches"] == 2 and stats["order_gaps"] == 1
 
 
+async def test_a_host_reports_its_garbage_collector(hosted):
+    """Operators see the collector's pauses per host (a full collection over a big heap
+    stalls every entity of the host; py-spy files it under whatever allocated)."""
+    kind, router, handles = await hosted(hosts=1)
+    for i in range(200):
+        await router.ask(kind.name, f"gc-{i}", Add(n=1))
+    gc = (await handles[0].stats.remote())["gc"]
+    assert gc["collections"][0] > 0 and len(gc["seconds"]) == 3
+    assert gc["total_s"] >= 0 and gc["max_pause_ms"] >= 0 and len(gc["threshold"]) == 3
+
+
 async def test_state_survives_sigkill_of_its_supervised_host(cfg, stack, ray_session, redis_client):
     kind = new_kind(hosts=1)
     await register_kinds(redis_client, [kind])
