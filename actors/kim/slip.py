@@ -422,17 +422,17 @@ _SEGMENTS: dict[tuple[str, int, str, int], int] = {}
 
 def segment_length(rm, step: str | None, chain: int) -> int:
     """How many steps a worker runs for an order of ``step`` if all succeed: the road map's
-    "ok" path until (and including) the first side-effecting step, at most ``chain``."""
+    "ok" path until (and including) the first step that ends a segment, at most ``chain``."""
     key = (rm.name, int(rm.version), step or "", chain)
     n = _SEGMENTS.get(key)
     if n is None:
-        from actors.kim.steps._base import EFFECTS
+        from actors.kim.steps._base import ENDS_SEGMENT
 
         n, cur = 0, step
         try:
             while cur and not cur.startswith("@") and n < chain:
                 n += 1
-                if rm.step(cur).impl in EFFECTS:
+                if rm.step(cur).impl in ENDS_SEGMENT:
                     break
                 cur = rm.ok_target(cur)
         except KeyError:

@@ -141,7 +141,8 @@ class KimConfig(_Section):
     default_attempts: int = Field(5, ge=1, le=100)
     # steps per dispatch: consecutive side-effect-free steps run fused in one worker call,
     # each still recorded in the slip's history with its own timing (1 = one per dispatch)
-    fuse_max: int = Field(32, ge=1, le=256)
+    # 48 (32 until 2026-11-24): an eAU's first segment, duplicate claims included, is 36 steps
+    fuse_max: int = Field(48, ge=1, le=256)
     core_db: Path | None = None  # the reference core system's SQLite file (None -> <run_dir>/core/core.sqlite3)
     # admission control: mails received but not yet terminal, over all mailbox actors (0 = no
     # limit); beyond it new mails wait in their INBOX (the backlog stays visible in IMAP)

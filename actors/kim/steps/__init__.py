@@ -25,7 +25,7 @@ from pathlib import Path
 from actors.kim.core_system import CoreSystemError, CoreSystemRejected
 from actors.kim.smtp import SmtpSendError
 from actors.kim.steps import answers, domain, technical  # noqa: F401  (registration)
-from actors.kim.steps._base import CACHE, EFFECTS, LAYER, STEPS, StepFault, StepOut, Transient
+from actors.kim.steps._base import CACHE, CLAIMS, EFFECTS, ENDS_SEGMENT, LAYER, STEPS, StepFault, StepOut, Transient
 from protocols.kim.errors import KimError
 from protocols.kim.messages import StepError, StepOrder, StepResult
 from protocols.kim.roadmap import RoadMap, load_roadmap_versions, load_roadmaps
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ROADMAP_DIR = Path(__file__).resolve().parent.parent / "roadmaps"
 
 __all__ = [
-    "STEPS", "LAYER", "EFFECTS", "StepOut", "StepFault", "run_step", "run_chain", "roadmaps", "roadmap_versions", "roadmap_for", "ROADMAP_DIR", "CACHE",
+    "STEPS", "LAYER", "EFFECTS", "CLAIMS", "ENDS_SEGMENT", "StepOut", "StepFault", "run_step", "run_chain", "roadmaps", "roadmap_versions", "roadmap_for", "ROADMAP_DIR", "CACHE",
 ]
 
 
@@ -118,7 +118,8 @@ async def run_step(order: StepOrder, ports, *, sync: bool = True) -> StepResult:
 async def run_chain(order: StepOrder, ports, *, max_steps: int | None = None, sync: bool = True) -> list[StepResult]:
     """Run ``order.step`` and then, fused into this one call, the road map's following
     steps while (a) the step succeeded and the road map says "next", (b) the step just
-    run had no external side effect (:data:`EFFECTS`) and (c) fewer than ``max_steps``
+    run was no side effect that ends a segment (:data:`ENDS_SEGMENT`: the
+    :data:`EFFECTS` but the idempotent duplicate :data:`CLAIMS`) and (c) fewer than ``max_steps``
     (default ``order.chain``) ran. Every step is run and timed on its own; the facts and
     blobs flow to the next order exactly as the stateshifter would pass them. Never raises."""
     limit = max(1, int(max_steps if max_steps is not None else order.chain))
@@ -134,7 +135,7 @@ async def run_chain(order: StepOrder, ports, *, max_steps: int | None = None, sy
         res = await _run_step(cur, ports)
         res.started_at = t
         results.append(res)
-        if rm is None or res.error is not None or len(results) >= limit or _impl(cur) in EFFECTS:
+        if rm is None or res.error is not None or len(results) >= limit or _impl(cur) in ENDS_SEGMENT:
             break
         try:
             d = rm.decide(res)

@@ -32,12 +32,19 @@ STEPS: dict[str, StepFn] = {}
 LAYER: dict[str, str] = {}
 
 #: Step implementations with an external side effect beyond the blob store (Redis claims,
-#: core-system writes, SMTP). A fused segment ends after the first of them, so a durable
-#: slip transition separates any two side effects. All steps are idempotent either way.
+#: core-system writes, SMTP). All steps are idempotent either way.
 EFFECTS: frozenset[str] = frozenset({
     "dedupe_file_hash", "dedupe_bundle_id", "lookup_insured", "eeb_lookup_insured", "deposit_core",
     "release_record", "apply_storno", "handoff_clerk", "answer_error", "send_answer", "eeb_answer_error",
 })
+#: The duplicate claims (*Dublettenprüfung*): ``SET NX`` of a pseudonymous hash with the mail
+#: id as owner. A segment that runs again after a crash claims again and gets its own claim
+#: back - nothing to separate, so a claim does not end a fused segment (until 2026-11-24 it
+#: did: ``dedupe_bundle_id`` was a segment of its own, one of an eAU's five round trips).
+CLAIMS: frozenset[str] = frozenset({"dedupe_file_hash", "dedupe_bundle_id"})
+#: A fused segment ends after the first of these, so a durable slip transition separates
+#: any two of them (core-system writes, enrolment, SMTP, the clerk's work basket).
+ENDS_SEGMENT: frozenset[str] = EFFECTS - CLAIMS
 
 
 def step(name: str, layer: str = "technical"):

@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 from actors.kim.slip import Receive, RoutingSlip, SlipPorts, SlipState
-from actors.kim.steps import EFFECTS, roadmap_for, run_chain
+from actors.kim.steps import CLAIMS, ENDS_SEGMENT, roadmap_for, run_chain
 from actors.kim.steps.inline import run_mail_inline
 from actors.kim.ports import make_memory_ports
 from actors.runtime.entity import Effects, EntityContext
@@ -25,7 +25,7 @@ async def test_chain_stops_after_the_first_side_effect(ports, gen):
     steps = [r.step for r in res]
     assert steps[0] == rm.first and len(steps) > 20  # the whole technical scan in one call
     assert all(r.error is None for r in res)
-    assert [s for s in steps if rm.step(s).impl in EFFECTS] == [steps[-1]]  # ends with its one side effect
+    assert [s for s in steps if rm.step(s).impl in ENDS_SEGMENT] == [steps[-1]]  # ends with its one side effect
     assert all(a.started_at <= b.started_at for a, b in zip(res, res[1:]))
     assert ports.blobs.is_durable(ports.blobs.last_write)  # the segment's blobs are durable
     # chain=1: exactly one step, as before
@@ -110,3 +110,28 @@ async def test_a_slip_is_at_rest_only_once_its_mail_is_finished(ports, gen):
             break
         (_, _, order), = slip.ctx._effects.tells
     assert slip.state.status == "done" and slip.at_rest()
+
+
+async def test_duplicate_claims_do_not_end_a_segment_and_a_rerun_keeps_the_claims(ports, gen):
+    """An eAU went through its slip five times: the duplicate claims ended a segment each,
+    although claiming again is harmless (``SET NX`` with the mail id: the owner gets its own
+    claim back). Now the first segment runs through both claims up to the insured lookup -
+    and a segment run again (the worker died before its answer) still finds the mail unique,
+    while another mail with the same document is a duplicate."""
+    mail = gen.eau()
+    rm = roadmap_for(select_roadmap(peek_procedure(mail.raw)))
+    ref = ports.blobs.put(mail.raw, kind="mail")
+    order = StepOrder(mail_id="m1", step=rm.first, roadmap=rm.name, roadmap_version=rm.version, mailbox="b",
+                      blobs={"raw": ref}, chain=48)
+    first = await run_chain(order, ports)
+    steps = [r.step for r in first]
+    assert {"dedupe_file_hash", "dedupe_bundle_id"} <= set(steps) and steps[-1] == "lookup_insured"
+    assert {rm.step(s).impl for s in steps} & CLAIMS == CLAIMS
+    again = await run_chain(order, ports)  # the same segment once more
+    assert [(r.step, r.outcome) for r in again] == [(r.step, r.outcome) for r in first]
+    assert all(r.error is None for r in again)
+    assert {r.step: r.facts for r in again}["dedupe_bundle_id"] == {"bundle_unique": "1"}
+    other = await run_chain(order.model_copy(update={"mail_id": "m2"}), ports)
+    by_step = {r.step: r for r in other}
+    assert by_step["dedupe_file_hash"].outcome == "duplicate" and by_step["dedupe_file_hash"].facts["duplicate_of"] == "m1"
+    assert other[-1].step == "record_duplicate"
