@@ -6,9 +6,11 @@ cyclic collector walks all of them in every full (generation 2) collection. py-s
 attributes that pause to whatever allocation triggered it - in the KIM worker hosts mostly
 the XML parser - so it hides in a profile. :class:`GcClock` measures it directly with a
 ``gc.callbacks`` hook (two ``perf_counter`` calls per collection); the shard hosts report it
-in their ``stats()`` (``gc``).
+in their ``stats()`` (``gc``). The seconds are wall time: on an oversubscribed machine a long
+pass is preempted several times, so they overstate the collector's CPU (measured 2026-11-24:
+~6 s per worker host and minute, yet cutting it to ~0.4 s moved no throughput).
 
-:func:`tune` is what a shard host applies at start (``runtime.gc_freeze``,
+:func:`tune` is what a shard host applies after its warm-up (both off by default) (``runtime.gc_freeze``,
 ``runtime.gc_threshold0``): ``gc.freeze()`` moves everything alive after start-up (modules,
 Ray's worker, pydantic schemas) to the permanent generation, so full collections walk only
 what the host created since; a higher first threshold makes young collections rarer on a

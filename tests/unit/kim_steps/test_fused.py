@@ -15,12 +15,17 @@ from protocols.kim.messages import StepOrder, StepResults
 from protocols.kim.roadmap import peek_procedure, select_roadmap
 
 
-async def test_chain_stops_after_the_first_side_effect(ports, gen):
+def _first_order(ports, gen, *, chain: int):
+    """An eAU's road map and the order of its first step (raw mail stored as the slip would)."""
     mail = gen.eau()
     rm = roadmap_for(select_roadmap(peek_procedure(mail.raw)))
     ref = ports.blobs.put(mail.raw, kind="mail")
-    order = StepOrder(mail_id="m1", step=rm.first, roadmap=rm.name, roadmap_version=rm.version, mailbox="b",
-                      blobs={"raw": ref}, chain=64)
+    return rm, StepOrder(mail_id="m1", step=rm.first, roadmap=rm.name, roadmap_version=rm.version, mailbox="b",
+                         blobs={"raw": ref}, chain=chain)
+
+
+async def test_chain_stops_after_the_first_side_effect(ports, gen):
+    rm, order = _first_order(ports, gen, chain=64)
     res = await run_chain(order, ports)
     steps = [r.step for r in res]
     assert steps[0] == rm.first and len(steps) > 20  # the whole technical scan in one call
@@ -118,11 +123,7 @@ async def test_duplicate_claims_do_not_end_a_segment_and_a_rerun_keeps_the_claim
     claim back). Now the first segment runs through both claims up to the insured lookup -
     and a segment run again (the worker died before its answer) still finds the mail unique,
     while another mail with the same document is a duplicate."""
-    mail = gen.eau()
-    rm = roadmap_for(select_roadmap(peek_procedure(mail.raw)))
-    ref = ports.blobs.put(mail.raw, kind="mail")
-    order = StepOrder(mail_id="m1", step=rm.first, roadmap=rm.name, roadmap_version=rm.version, mailbox="b",
-                      blobs={"raw": ref}, chain=48)
+    rm, order = _first_order(ports, gen, chain=48)
     first = await run_chain(order, ports)
     steps = [r.step for r in first]
     assert {"dedupe_file_hash", "dedupe_bundle_id"} <= set(steps) and steps[-1] == "lookup_insured"
