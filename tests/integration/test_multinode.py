@@ -27,7 +27,7 @@ def test_a_killed_worker_node_loses_nothing_and_its_hosts_move(stack, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.multinode", "--workers", "2", "--mails", "150", "--kill",
+        [sys.executable, "-m", "deploy.multinode", "--workers", "2", "--mails", "300", "--kill",
          "--timeout", "300", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=580,
     )
