@@ -10,8 +10,8 @@ in their ``stats()`` (``gc``). The seconds are wall time: on an oversubscribed m
 pass is preempted several times, so they overstate the collector's CPU (measured 2026-11-24:
 ~6 s per worker host and minute, yet cutting it to ~0.4 s moved no throughput).
 
-:func:`tune` is what a shard host applies after its warm-up (both off by default) (``runtime.gc_freeze``,
-``runtime.gc_threshold0``): ``gc.freeze()`` moves everything alive after start-up (modules,
+:func:`tune` is what a shard host applies after its warm-up (``runtime.gc_freeze``,
+``runtime.gc_threshold0``, both off by default): ``gc.freeze()`` moves everything alive after start-up (modules,
 Ray's worker, pydantic schemas) to the permanent generation, so full collections walk only
 what the host created since; a higher first threshold makes young collections rarer on a
 host that allocates many short-lived objects per message.
@@ -87,11 +87,17 @@ def gc_clock() -> GcClock:
         return _clock
 
 
+_frozen = False  # gc.freeze() done in this process (a host warms up again when lanes were missing)
+
+
 def tune(*, freeze: bool, threshold0: int | None) -> None:
-    """Apply the host's collector settings (see module doc); idempotent."""
+    """Apply the host's collector settings (see module doc). The freeze - a full collection
+    first, a pause of up to a few hundred ms - happens once per process."""
+    global _frozen
     if threshold0:
         _, t1, t2 = gc.get_threshold()
         gc.set_threshold(int(threshold0), t1, t2)
-    if freeze:
+    if freeze and not _frozen:
         gc.collect()  # what is garbage now need not be frozen
         gc.freeze()
+        _frozen = True

@@ -25,6 +25,7 @@ tag values are converted to ``str``, missing ones become ``""``.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import logging
 import re
@@ -78,7 +79,7 @@ def _ray_ready() -> bool:
         return False
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = ""
 
     def __init__(self, name: str, description: str, tag_keys: Sequence[str]):
@@ -119,8 +120,9 @@ class _Metric:
         self._keys[probe] = key
         return key
 
-    def _make_ray(self) -> Any:  # override
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make_ray(self) -> Any:
+        """The ``ray.util.metrics`` object of this kind of metric."""
 
     def _ray_metric(self) -> Any:
         if self._ray is None and not self._ray_failed and _ray_ready():
@@ -131,8 +133,9 @@ class _Metric:
                 log.warning("metric %s: cannot create the Ray metric (%s); counting locally", self.name, e)
         return self._ray
 
-    def _pending_add(self, key: tuple[str, ...], value: float) -> None:  # override; under _mlock
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _pending_add(self, key: tuple[str, ...], value: float) -> None:
+        """Remember one record for the next export (called under ``_mlock``)."""
 
     def _to_ray(self, key: tuple[str, ...], value: float) -> None:
         """Queue a record for Ray (called under ``_mlock``); the exporter sends it."""
@@ -141,8 +144,9 @@ class _Metric:
         self._pending_add(key, value)
         _EXPORTER.mark(self)
 
-    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:  # override
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _take_pending(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """The pending records as ``(Ray method, tag tuple, value)``, and forget them."""
 
     def _export(self) -> int:
         """Send what is pending to Ray (the exporter thread). Returns the Ray calls made."""

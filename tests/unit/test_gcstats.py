@@ -18,8 +18,9 @@ class Cycle:
 
 
 @pytest.fixture
-def clean_gc():
+def clean_gc(monkeypatch):
     threshold = gc.get_threshold()
+    monkeypatch.setattr(gcstats, "_frozen", False)
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
