@@ -51,12 +51,17 @@ def test_tune_freezes_what_start_up_left_and_sets_the_first_threshold(clean_gc):
     gcstats.tune(freeze=True, threshold0=50_000)
     assert gc.get_freeze_count() >= 100 * 2
     assert gc.get_threshold()[0] == 50_000
+    before = gc.get_freeze_count()
     snap = gcstats.gc_clock().snapshot()
-    assert snap["threshold"][0] == 50_000 and snap["frozen"] == gc.get_freeze_count()
+    after = gc.get_freeze_count()
+    # A frozen object that dies leaves the permanent generation (the CI run of f1d3e7e saw
+    # the count drop by 3 between the snapshot and the check): the snapshot lies in between.
+    assert snap["threshold"][0] == 50_000 and before >= snap["frozen"] >= after >= 100 * 2
     del keep
 
 
 def test_tune_with_the_defaults_changes_nothing(clean_gc):
-    before = gc.get_threshold(), gc.get_freeze_count()
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
     gcstats.tune(freeze=False, threshold0=None)
-    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+    assert gc.get_threshold() == threshold
+    assert gc.get_freeze_count() <= frozen  # nothing frozen (frozen objects may only die)
