@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -163,6 +164,12 @@ class CertInfo(BaseModel):
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> "CertInfo":
+        """The facts of ``cert``; frozen, so one instance per certificate is shared (a
+        practice's every mail carries the same signer and CA certificates)."""
+        return _cert_info(cert) if cls is CertInfo else cls._read(cert)
+
+    @classmethod
+    def _read(cls, cert: x509.Certificate) -> "CertInfo":
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
             subject=_name(cert.subject),
@@ -176,6 +183,11 @@ class CertInfo(BaseModel):
 
     def certificate(self) -> x509.Certificate:
         return x509.load_der_x509_certificate(self.der)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cert_info(cert: x509.Certificate) -> CertInfo:
+    return CertInfo._read(cert)  # x509.Certificate hashes and compares by its DER
 
 
 def _name(n: x509.Name) -> str:
@@ -201,6 +213,9 @@ class CmsSignedData(BaseModel):
     _signer_info: Any = PrivateAttr(default=None)
     _signer_cert: Any = PrivateAttr(default=None)
     _certs: list = PrivateAttr(default_factory=list)
+    # the signature check's outcome, once made (the container's bytes do not change; the
+    # tampering check and the trust check of one mail both need it)
+    _signature_check: tuple | None = PrivateAttr(default=None)
 
 
 class VerificationResult(BaseModel):
@@ -445,10 +460,12 @@ def verify_cms(
         except CmsError as exc:
             return _result(_CMS_TO_VERIFY[CmsErrorCode(exc.code)], exc.reason)
     base = dict(content=sd.content, signer=sd.signer, signing_time=sd.signing_time)
-    try:
-        code, reason = _check_signature(sd)
-    except Exception as exc:  # defensive: malformed parameters deep in the ASN.1
-        code, reason = VerifyCode.SIGNATURE_INVALID, f"signature could not be checked ({type(exc).__name__})"
+    if sd._signature_check is None:
+        try:
+            sd._signature_check = _check_signature(sd)
+        except Exception as exc:  # defensive: malformed parameters deep in the ASN.1
+            sd._signature_check = (VerifyCode.SIGNATURE_INVALID, f"signature could not be checked ({type(exc).__name__})")
+    code, reason = sd._signature_check
     if code is not VerifyCode.OK:
         return _result(code, reason, **base)
 
@@ -577,9 +594,7 @@ def _check_trust(
             if not _is_ca(iss):
                 not_ca = True
                 continue
-            try:
-                current.verify_directly_issued_by(iss)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+            if not _issued_by(current, iss):
                 continue
             nxt = iss
             break
@@ -590,6 +605,20 @@ def _check_trust(
         chain.append(nxt)
         current = nxt
     return VerifyCode.UNKNOWN_ISSUER, "certificate chain too long", chain
+
+
+@functools.lru_cache(maxsize=1024)
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``issuer``'s key signed ``cert`` (name match and signature). A fact about the two
+    certificates' bytes alone - ``x509.Certificate`` hashes and compares by its DER - so it
+    is remembered: a practice signs every mail with the same certificate, and the chain
+    check would otherwise verify the CA's signature on it again for each mail. Validity
+    at the signing time is checked on every call (:func:`_check_validity`), never cached."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- sign

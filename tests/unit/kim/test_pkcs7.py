@@ -285,3 +285,52 @@ def test_trust_store_from_pem(pki):
     store.add(pki.ca_pem())  # duplicates are ignored
     assert len(store) == 2
     assert isinstance(store.anchors[0], x509.Certificate)
+
+
+# ---------------------------------------------------------------------------- remembered checks
+
+
+def test_a_practice_certificate_is_checked_against_its_ca_once_and_still_judged_per_mail(pki):
+    """The chain check remembers that the CA signed a practice's certificate (a fact of the
+    two certificates' bytes); what depends on the mail - its content, its signing time - is
+    judged again for every mail."""
+    from protocols.kim import pkcs7 as p
+
+    signer = pki.practice_signers[2]
+    before = p._issued_by.cache_info()
+    first = verify_cms(signer.sign(PAYLOAD), pki.trust_store())
+    second = verify_cms(signer.sign(PAYLOAD + b"<!-- zweite AU -->"), pki.trust_store())
+    assert first.valid and second.valid
+    after = p._issued_by.cache_info()
+    assert after.hits >= before.hits + 1  # the second mail did not verify the CA's signature again
+    assert first.chain[0] is second.chain[0]  # one frozen CertInfo per certificate
+    # the same certificate, a mail signed after it expired: rejected although its chain is known
+    late = verify_cms(signer.sign(PAYLOAD), pki.trust_store(), at=datetime(2200, 1, 1, tzinfo=timezone.utc))
+    assert late.code is VerifyCode.CERT_EXPIRED
+    # the same signer, the content altered after signing: broken, not "known good"
+    tampered = signer.sign(PAYLOAD).replace(b'value="1234"', b'value="1235"')
+    assert verify_cms(tampered, pki.trust_store()).code is VerifyCode.DIGEST_MISMATCH
+
+
+def test_a_forged_certificate_with_a_known_certificates_names_is_not_taken_for_it(pki):
+    """Regression guard for the remembered chain check: it is keyed by the certificates'
+    bytes, so a certificate naming the same subject, issuer and serial as one already
+    checked - but signed by another key - still fails the chain."""
+    good = _signer_with(pki)  # serial 99, "Praxis Sonderfall", issued by our CA
+    assert verify_cms(good.sign(PAYLOAD), pki.trust_store()).valid
+    forged = _signer_with(pki, issuer_key=ec.generate_private_key(ec.SECP256R1()))  # same names and serial
+    assert forged.cert.subject == good.cert.subject and forged.cert.serial_number == good.cert.serial_number
+    r = verify_cms(forged.sign(PAYLOAD), pki.trust_store())
+    assert (r.status, r.code) == (SignatureStatus.UNTRUSTED_SIGNER, VerifyCode.CHAIN_SIGNATURE_INVALID)
+
+
+def test_the_signature_of_one_container_is_checked_once_for_the_tampering_and_the_trust_step(pki):
+    from protocols.kim import pkcs7 as p
+
+    sd = unwrap_cms(pki.practice_signers[0].sign(PAYLOAD))
+    assert verify_cms(sd, TrustStore()).code is VerifyCode.NO_TRUST_ANCHORS  # verify_signature's call: signature ok
+    assert sd._signature_check == (VerifyCode.OK, "signature valid")
+    sd._signature_check = (VerifyCode.SIGNATURE_INVALID, "pinned")  # the trust step reuses what was found
+    assert verify_cms(sd, pki.trust_store()).code is VerifyCode.SIGNATURE_INVALID
+    # a container unwrapped afresh is checked afresh
+    assert verify_cms(unwrap_cms(pki.practice_signers[0].sign(PAYLOAD)), pki.trust_store()).valid
