@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deploy.loadtest import report as rep
+from deploy.loadtest.calibration import calibrate, kernel_cores
 from deploy.loadtest.feed import RateFeeder, expected_outcome, feed_maildir, parse_mix
 from deploy.loadtest.procstat import ProcSampler
 
@@ -451,8 +452,12 @@ async def run_loadtest(cfg, opt: Options, console) -> dict:
                     feed_maildir, lcfg, users, opt.mails, seed=seed, mix=mix, fault_rate=opt.faults, keep_raw=keep_raw)
                 console.print(f"generator: {gen_stats['mails']} mails in {gen_stats['seconds']} s = "
                               f"{gen_stats['mails_per_s']} mails/s ({gen_stats['processes']} processes)")
+            cal_start = await asyncio.to_thread(calibrate)
+            console.print(f"calibration: {cal_start['ms_per_mail']} ms CPU per mail for the step code's compute kernel")
             result = await _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats, mix, seed, keep_raw,
                                          out, notes, stack)
+            result["machine"]["calibration"] = {"start": cal_start, "end": await asyncio.to_thread(calibrate)}
+            result["throughput"]["kernel_cores"] = kernel_cores(result)
         finally:
             if not opt.keep:
                 with contextlib.suppress(Exception):
@@ -489,6 +494,10 @@ def _print_end(console, r: dict) -> None:
     console.print(f"{t['mails_per_s']} mails/s overall, {t['sustained_mails_per_s']} sustained; latency p50/p95/p99 "
                   f"{lat['p50']}/{lat['p95']}/{lat['p99']} ms; CPU {res['cpu_s_per_mail']} s/mail; peak RSS "
                   f"{res['peak_rss_mib']} MiB")
+    cal = r["machine"].get("calibration")
+    if cal and t.get("kernel_cores") is not None:
+        console.print(f"calibration {cal['start']['ms_per_mail']} / {cal['end']['ms_per_mail']} ms per mail (start / "
+                      f"end) -> {t['kernel_cores']} cores' worth of the step kernel per second")
     for b in r.get("baselines", []):
         console.print(f"baseline {b['name']}: {b['mails_per_s']} mails/s -> automat is {b.get('ratio')}x")
 

@@ -93,6 +93,17 @@ def markdown(r: dict) -> str:
         f"{_fmt(res.get('pipeline_cpu_s_per_mail'))} s, "
         f"{' / '.join(_fmt(x) for x in res.get('pipeline_rss_mib_at', []))} MiB |",
         f"| Redis commands per mail | {_fmt(res['redis_ops_per_mail'])} |",
+    ]
+    cal = r["machine"].get("calibration")
+    if cal and t.get("kernel_cores") is not None:
+        s0, s1 = cal["start"]["ms_per_mail"], cal["end"]["ms_per_mail"]
+        cores = r["machine"]["cores"]
+        lines.append(f"| calibration: the steps' compute kernel (MIME, CMS, chain, FHIR XML) on one core, "
+                     f"start / end of the run | {s0:.3f} / {s1:.3f} ms per mail |")
+        lines.append(f"| throughput in units of the machine's speed (mails/s x kernel ms: cores' worth of the kernel "
+                     f"per second; runs of different hours compare by it) | {t['kernel_cores']:.3f} of {cores} "
+                     f"(the kernel alone: {cores * 2000 / (s0 + s1):,.0f} mails/s) |")
+    lines += [
         "",
         "CPU seconds by process during the pipeline run: " + ", ".join(
             f"{k} {v}" for k, v in list(res.get("cpu_s_by_process", {}).items())[:12]) + ".",

@@ -73,6 +73,11 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
         assert sum(b["outcomes"].values()) == 60
     steps = {s["step"] for s in r["steps"]}
     assert {"parse_mime", "verify_chain", "deposit_core", "release_record"} <= steps
+    # the calibration before and after the run, and the throughput in its units
+    cal = r["machine"]["calibration"]
+    assert cal["start"]["ms_per_mail"] > 0 and cal["end"]["ms_per_mail"] > 0
+    assert r["throughput"]["kernel_cores"] == pytest.approx(
+        r["throughput"]["mails_per_s"] * (cal["start"]["ms_per_mail"] + cal["end"]["ms_per_mail"]) / 2000, rel=1e-3)
     assert len(r["series"]["t"]) == len(r["series"]["done_per_s"]) > 0
     # the slowest mails, broken down: they set the p99, and their parts add up to their latency
     slow = r["slowest"]
@@ -85,6 +90,6 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert not [n for n in r["notes"] if n.startswith("not warm")], r["notes"]
 
     md = (out / "report.md").read_text()
-    assert "## Ledger" in md and "## Baselines" in md and "## The slowest mails" in md and md.rstrip().endswith(last.strip())
+    assert "## Ledger" in md and "## Baselines" in md and "cores' worth of the kernel" in md and "## The slowest mails" in md and md.rstrip().endswith(last.strip())
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
