@@ -21,8 +21,9 @@ other kind — and
   is how many more fit. None fit (every node saturated, no other node in the cluster):
   no growth - more host processes on full cores add Ray overhead and no CPU (the 240k load
   test grew ``kim.worker`` 2 -> 8 on 2 cores, twice: once on backlog alone, once when the
-  node read 89 % busy for a tick) - a ``hold`` event once per episode and a request to Ray
-  for a node; growth resumes when a node has CPU again (or a new one joined);
+  node read 89 % busy for a tick) - a ``hold`` event once per episode (it ends when the
+  backlog stayed low for ``down_after_s``) and a request to Ray for a node; growth
+  resumes when a node has CPU again (or a new one joined);
 - asks Ray for capacity (``ray.autoscaler.sdk.request_resources``) when a new host does
   not fit on the nodes there are (hosts carry ``runtime.host_num_cpus``), so Ray's own
   autoscaler (cluster launcher / KubeRay) adds a worker node; the request is lowered
@@ -299,7 +300,10 @@ class Autoscaler(Supervised):
                     return
                 reason += f"; {fit} more fit the free CPU (wanted {target - n})"
                 target = n + fit
-        if p.holding and down:  # the episode is over when the pressure is low, not at a dip
+        if p.holding and down and now - p.below_since >= pol.down_after_s:
+            # the episode is over when the pressure has stayed low as long as a shrink waits -
+            # not at one tick's dip (a driver starved of CPU refills its asks late: the
+            # backlog read 0 for a tick, and the next tick held and asked Ray again)
             p.holding = False
         if target != n:
             p.holding = False
