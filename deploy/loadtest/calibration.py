@@ -16,6 +16,12 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
+from protocols.kim._fhirxml import parse_root
+from protocols.kim.eau import parse_eau
+from protocols.kim.errors import FhirPayloadError
+from protocols.kim.mime import parse_mail
+from protocols.kim.pkcs7 import unwrap_cms, verify_cms
+
 #: generated eAU mails per round and rounds (best of): ~0.1 s a round on the 2-core machine
 MAILS, ROUNDS = 40, 7
 
@@ -33,12 +39,6 @@ def _corpus() -> tuple[tuple[bytes, ...], object]:
 def kernel(raw: bytes, trust) -> int:
     """The compute-only part of one eAU's steps (what the worker does between the waits).
     Returns how many steps of the kernel passed (all of them for a good mail)."""
-    from protocols.kim.eau import parse_eau
-    from protocols.kim.errors import FhirPayloadError
-    from protocols.kim._fhirxml import parse_root
-    from protocols.kim.mime import parse_mail
-    from protocols.kim.pkcs7 import unwrap_cms, verify_cms
-
     mail = parse_mail(raw)
     sd = unwrap_cms(mail.single_attachment(suffix=".p7s").data)
     ok = int(verify_cms(sd, trust, at=sd.signing_time).valid)
