@@ -167,10 +167,10 @@ async def _drive(cfg, cluster, raws: list[bytes], kill: bool, timeout_s: float, 
                 killed["placement_after"] = _by_node(now_place, cluster)
                 log(f"  hosts of the killed node serving again on the others after {killed['recovered_s']} s: "
                     f"{killed['placement_after']}")
-        if led.terminal >= len(want) and t_all is None:
-            t_all = time.monotonic()
-        if led.terminal >= len(want) and (killed is None or "recovered_s" in killed):
-            break  # all terminal - and after a kill, its hosts serve again (the mails may be faster)
+        if led.terminal >= len(want):
+            t_all = t_all or time.monotonic()
+            if killed is None or "recovered_s" in killed:
+                break  # all terminal - and after a kill, its hosts serve again (the mails may be faster)
     elapsed = (t_all or time.monotonic()) - t0
     await feeder
     out["seconds"] = round(elapsed, 1)

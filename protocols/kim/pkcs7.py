@@ -166,28 +166,24 @@ class CertInfo(BaseModel):
     def of(cls, cert: x509.Certificate) -> "CertInfo":
         """The facts of ``cert``; frozen, so one instance per certificate is shared (a
         practice's every mail carries the same signer and CA certificates)."""
-        return _cert_info(cert) if cls is CertInfo else cls._read(cert)
-
-    @classmethod
-    def _read(cls, cert: x509.Certificate) -> "CertInfo":
-        der = cert.public_bytes(serialization.Encoding.DER)
-        return cls(
-            subject=_name(cert.subject),
-            issuer=_name(cert.issuer),
-            serial=format(cert.serial_number, "x"),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            sha256=hashlib.sha256(der).hexdigest(),
-            der=der,
-        )
+        return _cert_info(cert)
 
     def certificate(self) -> x509.Certificate:
         return x509.load_der_x509_certificate(self.der)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cert_info(cert: x509.Certificate) -> CertInfo:
-    return CertInfo._read(cert)  # x509.Certificate hashes and compares by its DER
+def _cert_info(cert: x509.Certificate) -> CertInfo:  # x509.Certificate hashes and compares by its DER
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return CertInfo(
+        subject=_name(cert.subject),
+        issuer=_name(cert.issuer),
+        serial=format(cert.serial_number, "x"),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        sha256=hashlib.sha256(der).hexdigest(),
+        der=der,
+    )
 
 
 def _name(n: x509.Name) -> str:
