@@ -29,6 +29,7 @@ with). :func:`load_roadmaps` returns the newest version per name,
 from __future__ import annotations
 
 import random
+from functools import cached_property
 from email.parser import BytesHeaderParser
 from email import policy
 from pathlib import Path
@@ -104,17 +105,33 @@ class RoadMap(BaseModel):
     def first(self) -> str:
         return self.steps[0].name
 
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        """Step name -> its index, built on first use (``decide`` asks for every step
+        result; before, three linear scans of a 44-step map each time). The first of equal
+        names wins, as in a scan; a changed ``steps`` list falls back to scanning."""
+        pos: dict[str, int] = {}
+        for i, s in enumerate(self.steps):
+            pos.setdefault(s.name, i)
+        return pos
+
     def step(self, name: str) -> RoadStep:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(f"road map {self.name} v{self.version} has no step {name!r}")
+        i = self.positions.get(name)
+        if i is None or i >= len(self.steps) or self.steps[i].name != name:
+            for s in self.steps:  # a step renamed in place: the scan still answers right
+                if s.name == name:
+                    return s
+            raise KeyError(f"road map {self.name} v{self.version} has no step {name!r}")
+        return self.steps[i]
 
     def index(self, name: str) -> int:
-        for i, s in enumerate(self.steps):
-            if s.name == name:
-                return i
-        raise KeyError(name)
+        i = self.positions.get(name)
+        if i is None or i >= len(self.steps) or self.steps[i].name != name:
+            for j, s in enumerate(self.steps):
+                if s.name == name:
+                    return j
+            raise KeyError(name)
+        return i
 
     def layer_counts(self) -> dict[str, int]:
         out = {"technical": 0, "domain": 0}
@@ -123,10 +140,10 @@ class RoadMap(BaseModel):
         return out
 
     def ok_target(self, name: str) -> str:
-        s = self.step(name)
+        i = self.index(name)
+        s = self.steps[i]
         if "ok" in s.on:
             return s.on["ok"]
-        i = self.index(name)
         return self.steps[i + 1].name if i + 1 < len(self.steps) else DONE
 
     def error_target(self, name: str) -> str:

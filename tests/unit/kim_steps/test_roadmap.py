@@ -37,6 +37,26 @@ def test_valid_map_default_transitions():
     assert rm.error_target("a") == REJECTED
 
 
+def test_step_lookups_stay_right_when_the_steps_change_after_first_use():
+    """``step``/``index``/``ok_target`` answer from a name -> position table built on first
+    use (``decide`` asks three times per step result); a map whose steps were changed
+    afterwards - replaced, renamed, cut - is still answered right (by scanning)."""
+    rm = _map("  - {name: a, layer: technical}\n  - {name: b, layer: domain}\n  - {name: c, layer: domain}\n")
+    assert [rm.index(n) for n in "abc"] == [0, 1, 2] and rm.step("b").name == "b" and rm.ok_target("c") == DONE
+    eau = roadmap_for("eau")
+    assert [eau.index(s.name) for s in eau.steps] == list(range(len(eau.steps)))
+    assert all(eau.step(s.name) is s for s in eau.steps)
+    rm.steps = [rm.steps[2], rm.steps[0], rm.steps[1]]  # replaced: c, a, b
+    assert [rm.index(n) for n in "abc"] == [1, 2, 0] and rm.ok_target("a") == "b" and rm.ok_target("b") == DONE
+    rm.steps[0].name = "z"  # renamed in place
+    assert rm.step("z") is rm.steps[0]
+    with pytest.raises(KeyError):
+        rm.step("c")
+    del rm.steps[1:]  # cut
+    with pytest.raises(KeyError):
+        rm.index("b")
+
+
 @pytest.mark.parametrize(
     "steps, message",
     [
