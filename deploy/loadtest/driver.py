@@ -230,6 +230,65 @@ class Monitor:
                 pass
 
 
+class HostRoles:
+    """Which process is which shard host: pid -> role (``kim.slip``, ``kim.worker``), read from
+    the hosts themselves every ``interval_s`` - a restarted host or one the autoscaler added
+    comes with a new pid. The report splits the shard hosts' CPU by role with it (all of them
+    are ``ray::ShardHost`` to ``/proc``)."""
+
+    def __init__(self, interval_s: float = 15.0) -> None:
+        self.roles: dict[int, str] = {}
+        self.hosts: dict[str, set[str]] = {}  # role -> host names seen
+        self.interval_s = interval_s
+        self._task: asyncio.Task | None = None
+
+    async def look(self) -> None:
+        import ray
+        from ray.util import list_named_actors
+
+        try:
+            names = await asyncio.to_thread(lambda: [a["name"] if isinstance(a, dict) else a
+                                                     for a in list_named_actors()])
+        except Exception:  # noqa: BLE001 - Ray busy or going down: the next look
+            return
+        for name in names:
+            if ".host." not in name:
+                continue
+            role = name.split(".host.", 1)[0]
+            try:
+                h = await asyncio.to_thread(ray.get_actor, name)
+                pid = int(await asyncio.wait_for(h.pid.remote(), 10))
+            except Exception:  # noqa: BLE001 - a host restarting right now: the next look
+                continue
+            self.roles[pid] = role
+            self.hosts.setdefault(role, set()).add(name.split("#", 1)[0])
+
+    async def _loop(self) -> None:
+        while True:
+            await self.look()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def cpu_by_role(self, sampler: "ProcSampler", terminal: int) -> dict[str, dict]:
+        """role -> {hosts, cpu_s, cpu_ms_per_mail} (``terminal``: the mails the run finished)."""
+        out: dict[str, dict] = {}
+        for role in sorted(set(self.roles.values())):
+            cpu = sampler.cpu_of(p for p, r in self.roles.items() if r == role)
+            out[role] = {"hosts": len(self.hosts.get(role, ())), "cpu_s": round(cpu, 1),
+                         "cpu_ms_per_mail": round(1000 * cpu / terminal, 2) if terminal else None}
+        return out
+
+
 async def _empty_boxes(cfg, users: list[str], redis) -> int:
     from actors.kim.mailbox import CURSOR_KEY, empty_mailbox
 
@@ -543,6 +602,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
     await asyncio.to_thread(sampler.sample)
     info0 = await redis.info("stats")
     mon = Monitor(lcfg)
+    roles = HostRoles()
     feeder = None
     try:
         await register_kinds(redis, kinds(lcfg))
@@ -560,6 +620,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         if cold:
             notes.append("not warm when the clock started: " + "; ".join(f"{w['host']} ({w['error']})" for w in cold))
         mon.start()
+        roles.start()
         if opt.rate:
             feeder = RateFeeder(lcfg, users, opt.mails, opt.rate, seed=seed, mix=mix, fault_rate=opt.faults,
                                 keep_raw=keep_raw)
@@ -578,6 +639,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
             prof_task = asyncio.get_running_loop().create_task(later())
         await _follow(opt, console, mon, sampler, fed, feeder, feed_task, t0, redis)
         t_end = time.time()
+        await roles.stop()
+        await roles.look()  # the hosts as they are at the end (before they stop)
         await asyncio.to_thread(sampler.sample)
         cpu_by_process = sampler.cpu_by_name()
         if feed_task is not None:
@@ -618,6 +681,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
             console.print(f"  {b['mails_per_s']} mails/s")
     finally:
         await mon.stop()
+        await roles.stop()
         try:
             await asyncio.to_thread(stop_root, namespace=lcfg.runtime.namespace, name=ROOT_NAME)
         except Exception:
@@ -698,6 +762,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                       "redis_ops_per_mail": round(ops / max(1, n_term), 1),
                       "processes_peak": sampler.peak_procs,
                       "cpu_s_by_process": cpu_by_process,
+                      "shard_hosts_by_role": roles.cpu_by_role(sampler, n_term),
                       "scope": "the driver, its Ray cluster and the local stack's services (Redis, Dovecot, Tansu, "
                                "SMTP sink); a stack shared with other work counts their load too"},
         "ledger": {"delivered": len(delivered), "received": led.received, "done": led.done,

@@ -76,6 +76,11 @@ class ProcSampler:
             out[n] = out.get(n, 0.0) + v - self.cpu_base.get(pid, 0.0)
         return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
+    def cpu_of(self, pids) -> float:
+        """CPU seconds since the first sample of these processes (one that is gone: its
+        last sampled value; one never sampled: 0)."""
+        return sum(self.cpu_last.get(p, 0.0) - self.cpu_base.get(p, 0.0) for p in set(pids))
+
     def sample(self) -> tuple[float, int]:
         if self.also is not None:
             self.also.sample()

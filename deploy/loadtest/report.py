@@ -108,6 +108,14 @@ def markdown(r: dict) -> str:
         "CPU seconds by process during the pipeline run: " + ", ".join(
             f"{k} {v}" for k, v in list(res.get("cpu_s_by_process", {}).items())[:12]) + ".",
         "",
+    ]
+    roles = res.get("shard_hosts_by_role") or {}
+    if roles:
+        lines += ["Shard hosts by role (`ray::ShardHost` above): " + ", ".join(
+            f"{k} ({v['hosts']} host{'s' if v['hosts'] != 1 else ''}) {v['cpu_s']:.1f} s = "
+            + (f"{v['cpu_ms_per_mail']:.2f} ms per mail" if v.get("cpu_ms_per_mail") is not None else "n/a per mail")
+            for k, v in roles.items()) + ".", ""]
+    lines += [
         "RSS by process at 25 / 50 / 90 % of the run (MiB, summed over processes of a name; most growth first): "
         + "; ".join(f"{k} {' / '.join(_fmt(x) for x in v)}" for k, v in res.get("rss_mib_by_process_at", {}).items())
         + ".",

@@ -79,6 +79,15 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert r["throughput"]["kernel_cores"] == pytest.approx(
         r["throughput"]["mails_per_s"] * (cal["start"]["ms_per_mail"] + cal["end"]["ms_per_mail"]) / 2000, rel=1e-3)
     assert len(r["series"]["t"]) == len(r["series"]["done_per_s"]) > 0
+    # the shard hosts' CPU split by role: every slip and worker host found by its pid, and
+    # together they are the ray::ShardHost processes
+    roles = r["resources"]["shard_hosts_by_role"]
+    assert set(roles) == {"kim.slip", "kim.worker"}
+    assert roles["kim.slip"]["hosts"] == r["pipeline"]["slip_hosts"]
+    assert roles["kim.worker"]["hosts"] >= r["pipeline"]["worker_hosts"]  # the autoscaler may add one
+    assert all(v["cpu_s"] > 0 and v["cpu_ms_per_mail"] > 0 for v in roles.values())
+    assert sum(v["cpu_s"] for v in roles.values()) == pytest.approx(
+        r["resources"]["cpu_s_by_process"]["ray::ShardHost"], abs=0.5)
     # the slowest mails, broken down: they set the p99, and their parts add up to their latency
     slow = r["slowest"]
     assert 0 < len(slow) <= 12 and slow[0]["latency_ms"] == pytest.approx(lat["max"], abs=1.0)
@@ -90,6 +99,6 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert not [n for n in r["notes"] if n.startswith("not warm")], r["notes"]
 
     md = (out / "report.md").read_text()
-    assert "## Ledger" in md and "## Baselines" in md and "cores' worth of the kernel" in md and "## The slowest mails" in md and md.rstrip().endswith(last.strip())
+    assert "## Ledger" in md and "## Baselines" in md and "cores' worth of the kernel" in md and "## The slowest mails" in md and "Shard hosts by role" in md and md.rstrip().endswith(last.strip())
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -32,6 +32,30 @@ def test_a_slip_without_history_still_gives_its_latency_and_pickup():
     assert (b["latency_ms"], b["pickup_ms"], b["work_ms"], b["wait_ms"], b["slowest_step"]) == (1000.0, 500.0, 0, 500.0, None)
 
 
+def _report(**resources) -> dict:
+    return {"run_id": "x", "mode": "rate", "mails": 1, "mix_text": "eAU 100%", "fault_rate": 0.0, "mailboxes": 1,
+            "pipeline": {"slip_hosts": 1, "worker_hosts": 1, "fetchers": 1, "fuse_max": 8},
+            "machine": {"cores": 2, "memory_gib": 24, "loadavg_start": "0", "loadavg_end": "0"},
+            "generator": {"mails_per_s": 1.0, "mode": "imap"},
+            "throughput": {"seconds": 1.0, "mails_per_s": 1.0, "sustained_mails_per_s": 1.0},
+            "latency_ms": {"p50": 900.0, "p95": 900.0, "p99": 900.0, "max": 900.0},
+            "resources": {"cpu_s_per_mail": 0.1, "peak_rss_mib": 1.0, "rss_mib_at": [1, 1, 1], "redis_ops_per_mail": 1,
+                          **resources},
+            "ledger": {"delivered": 1, "done": 1, "workbasket": 0, "rejected": 0, "parked": 0, "in_flight": 0,
+                       "missing": 0, "balanced": True, "core_records": 1, "core_mails": 1, "lost": 0, "duplicates": 0,
+                       "as_expected": 1},
+            "slowest": []}
+
+
+def test_the_markdown_report_splits_the_shard_hosts_cpu_by_role():
+    md = markdown(_report(cpu_s_by_process={"ray::ShardHost": 28.0},
+                          shard_hosts_by_role={"kim.slip": {"hosts": 2, "cpu_s": 8.0, "cpu_ms_per_mail": 4.0},
+                                               "kim.worker": {"hosts": 1, "cpu_s": 20.0, "cpu_ms_per_mail": 10.0}}))
+    assert ("Shard hosts by role (`ray::ShardHost` above): kim.slip (2 hosts) 8.0 s = 4.00 ms per mail, "
+            "kim.worker (1 host) 20.0 s = 10.00 ms per mail.") in md
+    assert "Shard hosts by role" not in markdown(_report())  # a report of before: no such line
+
+
 def test_the_markdown_report_lists_the_slowest_mails():
     slow = latency_breakdown(100.0, _slip(100.1, [("load_raw", 100.1, 100.9, 3.0)]), t0=99.0)
     r = {"run_id": "x", "mode": "rate", "mails": 1, "mix_text": "eAU 100%", "fault_rate": 0.0, "mailboxes": 1,

@@ -46,3 +46,56 @@ def test_no_samples_in_the_window_give_no_rows():
     sampler = ProcSampler([])
     sampler.sample()
     assert sampler.rss_growth_by_name(0.0, 1.0) == {}
+
+
+_NAMED = r"""
+import sys, time
+open('/proc/self/comm', 'w').write('same-name')
+print('ready', flush=True)
+if sys.argv[1] == 'burn':
+    end = time.process_time() + 0.5
+    while time.process_time() < end:
+        pass
+print('done', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_cpu_of_processes_with_one_name_splits_by_pid():
+    """Every shard host is ``ray::ShardHost`` to /proc: the slip and the worker hosts are told
+    apart by pid (``cpu_of``), the report's CPU by host role."""
+    kids = {role: subprocess.Popen([sys.executable, "-c", _NAMED, role], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True) for role in ("burn", "idle")}
+    try:
+        for k in kids.values():
+            assert k.stdout.readline().strip() == "ready"
+        sampler = ProcSampler([k.pid for k in kids.values()])
+        sampler.sample()
+        for k in kids.values():
+            assert k.stdout.readline().strip() == "done"
+        sampler.sample()
+        burn, idle = sampler.cpu_of([kids["burn"].pid]), sampler.cpu_of([kids["idle"].pid])
+        assert burn >= 0.4 and idle < 0.1
+        assert sampler.cpu_of([kids["burn"].pid, kids["idle"].pid, kids["burn"].pid]) == burn + idle
+        assert sampler.cpu_of([]) == 0 and sampler.cpu_of([2**22 + 7]) == 0  # never sampled
+        assert sampler.cpu_by_name()["same-name"] == round(burn + idle, 1)
+    finally:
+        for k in kids.values():
+            k.kill()
+            k.wait()
+
+
+def test_host_roles_split_the_shard_hosts_cpu_per_mail():
+    from deploy.loadtest.driver import HostRoles
+
+    sampler = ProcSampler([])
+    sampler.cpu_base = {11: 1.0, 12: 0.0, 21: 0.5, 99: 0.0}
+    sampler.cpu_last = {11: 5.0, 12: 4.0, 21: 20.5, 99: 50.0}  # 99: no shard host
+    roles = HostRoles()
+    roles.roles = {11: "kim.slip", 12: "kim.slip", 21: "kim.worker"}
+    roles.hosts = {"kim.slip": {"kim.slip.host.0", "kim.slip.host.1"}, "kim.worker": {"kim.worker.host.0"}}
+    assert roles.cpu_by_role(sampler, 1000) == {
+        "kim.slip": {"hosts": 2, "cpu_s": 8.0, "cpu_ms_per_mail": 8.0},
+        "kim.worker": {"hosts": 1, "cpu_s": 20.0, "cpu_ms_per_mail": 20.0},
+    }
+    assert roles.cpu_by_role(sampler, 0)["kim.worker"]["cpu_ms_per_mail"] is None
