@@ -115,23 +115,17 @@ class RoadMap(BaseModel):
             pos.setdefault(s.name, i)
         return pos
 
-    def step(self, name: str) -> RoadStep:
-        i = self.positions.get(name)
-        if i is None or i >= len(self.steps) or self.steps[i].name != name:
-            for s in self.steps:  # a step renamed in place: the scan still answers right
-                if s.name == name:
-                    return s
-            raise KeyError(f"road map {self.name} v{self.version} has no step {name!r}")
-        return self.steps[i]
-
     def index(self, name: str) -> int:
         i = self.positions.get(name)
-        if i is None or i >= len(self.steps) or self.steps[i].name != name:
-            for j, s in enumerate(self.steps):
-                if s.name == name:
-                    return j
-            raise KeyError(name)
-        return i
+        if i is not None and i < len(self.steps) and self.steps[i].name == name:
+            return i
+        for j, s in enumerate(self.steps):  # the steps changed after the table was built
+            if s.name == name:
+                return j
+        raise KeyError(f"road map {self.name} v{self.version} has no step {name!r}")
+
+    def step(self, name: str) -> RoadStep:
+        return self.steps[self.index(name)]
 
     def layer_counts(self) -> dict[str, int]:
         out = {"technical": 0, "domain": 0}
