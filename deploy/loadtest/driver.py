@@ -279,11 +279,12 @@ class HostRoles:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    def cpu_by_role(self, sampler: "ProcSampler", terminal: int) -> dict[str, dict]:
-        """role -> {hosts, cpu_s, cpu_ms_per_mail} (``terminal``: the mails the run finished)."""
+    def cpu_by_role(self, sampler: "ProcSampler", terminal: int, since: dict[int, float] | None = None) -> dict[str, dict]:
+        """role -> {hosts, cpu_s, cpu_ms_per_mail} (``terminal``: the mails the run finished;
+        ``since``: per-pid CPU when the clock started - a host's start-up is not the mails')."""
         out: dict[str, dict] = {}
         for role in sorted(set(self.roles.values())):
-            cpu = sampler.cpu_of(p for p, r in self.roles.items() if r == role)
+            cpu = sampler.cpu_of((p for p, r in self.roles.items() if r == role), since=since)
             out[role] = {"hosts": len(self.hosts.get(role, ())), "cpu_s": round(cpu, 1),
                          "cpu_ms_per_mail": round(1000 * cpu / terminal, 2) if terminal else None}
         return out
@@ -621,6 +622,8 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
             notes.append("not warm when the clock started: " + "; ".join(f"{w['host']} ({w['error']})" for w in cold))
         mon.start()
         roles.start()
+        await asyncio.to_thread(sampler.sample)
+        cpu_at_clock = dict(sampler.cpu_last)  # the hosts' CPU by role counts from here (no start-up)
         if opt.rate:
             feeder = RateFeeder(lcfg, users, opt.mails, opt.rate, seed=seed, mix=mix, fault_rate=opt.faults,
                                 keep_raw=keep_raw)
@@ -762,7 +765,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
                       "redis_ops_per_mail": round(ops / max(1, n_term), 1),
                       "processes_peak": sampler.peak_procs,
                       "cpu_s_by_process": cpu_by_process,
-                      "shard_hosts_by_role": roles.cpu_by_role(sampler, n_term),
+                      "shard_hosts_by_role": roles.cpu_by_role(sampler, n_term, since=cpu_at_clock),
                       "scope": "the driver, its Ray cluster and the local stack's services (Redis, Dovecot, Tansu, "
                                "SMTP sink); a stack shared with other work counts their load too"},
         "ledger": {"delivered": len(delivered), "received": led.received, "done": led.done,

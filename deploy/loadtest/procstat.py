@@ -76,10 +76,12 @@ class ProcSampler:
             out[n] = out.get(n, 0.0) + v - self.cpu_base.get(pid, 0.0)
         return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
-    def cpu_of(self, pids) -> float:
-        """CPU seconds since the first sample of these processes (one that is gone: its
-        last sampled value; one never sampled: 0)."""
-        return sum(self.cpu_last.get(p, 0.0) - self.cpu_base.get(p, 0.0) for p in set(pids))
+    def cpu_of(self, pids, since: dict[int, float] | None = None) -> float:
+        """CPU seconds of these processes since the first sample - or since ``since`` (a copy
+        of :attr:`cpu_last` taken at that moment; a process born later counts from its
+        start). A process that is gone counts to its last sample; one never sampled, 0."""
+        base = self.cpu_base if since is None else {**self.cpu_base, **since}
+        return sum(self.cpu_last.get(p, 0.0) - base.get(p, 0.0) for p in set(pids) if p in self.cpu_last)
 
     def sample(self) -> tuple[float, int]:
         if self.also is not None:

@@ -111,7 +111,7 @@ def markdown(r: dict) -> str:
     ]
     roles = res.get("shard_hosts_by_role") or {}
     if roles:
-        lines += ["Shard hosts by role (`ray::ShardHost` above): " + ", ".join(
+        lines += ["Shard hosts by role (`ray::ShardHost` above; from the clock's start): " + ", ".join(
             f"{k} ({v['hosts']} host{'s' if v['hosts'] != 1 else ''}) {v['cpu_s']:.1f} s = "
             + (f"{v['cpu_ms_per_mail']:.2f} ms per mail" if v.get("cpu_ms_per_mail") is not None else "n/a per mail")
             for k, v in roles.items()) + ".", ""]

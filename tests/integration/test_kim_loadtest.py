@@ -79,15 +79,14 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert r["throughput"]["kernel_cores"] == pytest.approx(
         r["throughput"]["mails_per_s"] * (cal["start"]["ms_per_mail"] + cal["end"]["ms_per_mail"]) / 2000, rel=1e-3)
     assert len(r["series"]["t"]) == len(r["series"]["done_per_s"]) > 0
-    # the shard hosts' CPU split by role: every slip and worker host found by its pid, and
-    # together they are the ray::ShardHost processes
+    # the shard hosts' CPU split by role: every slip and worker host found by its pid; counted
+    # from the clock's start, together they are the ray::ShardHost processes less their start-up
     roles = r["resources"]["shard_hosts_by_role"]
     assert set(roles) == {"kim.slip", "kim.worker"}
     assert roles["kim.slip"]["hosts"] == r["pipeline"]["slip_hosts"]
     assert roles["kim.worker"]["hosts"] >= r["pipeline"]["worker_hosts"]  # the autoscaler may add one
     assert all(v["cpu_s"] > 0 and v["cpu_ms_per_mail"] > 0 for v in roles.values())
-    assert sum(v["cpu_s"] for v in roles.values()) == pytest.approx(
-        r["resources"]["cpu_s_by_process"]["ray::ShardHost"], abs=0.5)
+    assert sum(v["cpu_s"] for v in roles.values()) <= r["resources"]["cpu_s_by_process"]["ray::ShardHost"] + 0.5
     # the slowest mails, broken down: they set the p99, and their parts add up to their latency
     slow = r["slowest"]
     assert 0 < len(slow) <= 12 and slow[0]["latency_ms"] == pytest.approx(lat["max"], abs=1.0)

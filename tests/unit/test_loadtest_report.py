@@ -51,7 +51,7 @@ def test_the_markdown_report_splits_the_shard_hosts_cpu_by_role():
     md = markdown(_report(cpu_s_by_process={"ray::ShardHost": 28.0},
                           shard_hosts_by_role={"kim.slip": {"hosts": 2, "cpu_s": 8.0, "cpu_ms_per_mail": 4.0},
                                                "kim.worker": {"hosts": 1, "cpu_s": 20.0, "cpu_ms_per_mail": 10.0}}))
-    assert ("Shard hosts by role (`ray::ShardHost` above): kim.slip (2 hosts) 8.0 s = 4.00 ms per mail, "
+    assert ("Shard hosts by role (`ray::ShardHost` above; from the clock's start): kim.slip (2 hosts) 8.0 s = 4.00 ms per mail, "
             "kim.worker (1 host) 20.0 s = 10.00 ms per mail.") in md
     assert "Shard hosts by role" not in markdown(_report())  # a report of before: no such line
 

@@ -79,6 +79,9 @@ def test_the_cpu_of_processes_with_one_name_splits_by_pid():
         assert sampler.cpu_of([kids["burn"].pid, kids["idle"].pid, kids["burn"].pid]) == burn + idle
         assert sampler.cpu_of([]) == 0 and sampler.cpu_of([2**22 + 7]) == 0  # never sampled
         assert sampler.cpu_by_name()["same-name"] == round(burn + idle, 1)
+        # counted from a later moment (the clock's start): what was burnt before is not counted
+        assert sampler.cpu_of([kids["burn"].pid], since=dict(sampler.cpu_last)) == 0
+        assert sampler.cpu_of([kids["burn"].pid], since={}) == burn  # no snapshot of it: from the first sample
     finally:
         for k in kids.values():
             k.kill()
@@ -99,3 +102,6 @@ def test_host_roles_split_the_shard_hosts_cpu_per_mail():
         "kim.worker": {"hosts": 1, "cpu_s": 20.0, "cpu_ms_per_mail": 20.0},
     }
     assert roles.cpu_by_role(sampler, 0)["kim.worker"]["cpu_ms_per_mail"] is None
+    # from the clock's start: 11 and 21 had burnt 2 and 10.5 s by then, 12 was born later
+    late = roles.cpu_by_role(sampler, 1000, since={11: 3.0, 21: 11.0, 99: 1.0})
+    assert (late["kim.slip"]["cpu_s"], late["kim.worker"]["cpu_s"]) == (6.0, 9.5)
