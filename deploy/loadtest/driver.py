@@ -155,7 +155,24 @@ def _mem_gib() -> float:
     return 0.0
 
 
-class Monitor:
+class _Background:
+    """A task of the driver's: the subclass's ``_run``, from :meth:`start` until :meth:`stop`."""
+
+    _task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class Monitor(_Background):
     """Follows ``<prefix>kim.mail`` on Kafka: received and terminal events per mail."""
 
     def __init__(self, cfg) -> None:
@@ -218,19 +235,8 @@ class Monitor:
             self.terminal[key] = (at, typ[5:])
             self.recent.append((now, key))
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-
-
-class HostRoles:
+class HostRoles(_Background):
     """Which process is which shard host: pid -> role (``kim.slip``, ``kim.worker``), read from
     the hosts themselves every ``interval_s`` - a restarted host or one the autoscaler added
     comes with a new pid. The report splits the shard hosts' CPU by role with it (all of them
@@ -263,21 +269,10 @@ class HostRoles:
             self.roles[pid] = role
             self.hosts.setdefault(role, set()).add(name.split("#", 1)[0])
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         while True:
             await self.look()
             await asyncio.sleep(self.interval_s)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
 
     def cpu_by_role(self, sampler: "ProcSampler", terminal: int, since: dict[int, float] | None = None) -> dict[str, dict]:
         """role -> {hosts, cpu_s, cpu_ms_per_mail} (``terminal``: the mails the run finished;
