@@ -245,6 +245,8 @@ class HostRoles(_Background):
     def __init__(self, interval_s: float = 15.0) -> None:
         self.roles: dict[int, str] = {}
         self.hosts: dict[str, set[str]] = {}  # role -> host names seen
+        self.gc_first: dict[int, dict] = {}  # pid -> its collector (stats()["gc"]) at the first look
+        self.gc_last: dict[int, dict] = {}  # pid -> ... at the latest look
         self.interval_s = interval_s
         self._task: asyncio.Task | None = None
 
@@ -263,11 +265,15 @@ class HostRoles(_Background):
             role = name.split(".host.", 1)[0]
             try:
                 h = await asyncio.to_thread(ray.get_actor, name)
-                pid = int(await asyncio.wait_for(h.pid.remote(), 10))
+                st = await asyncio.wait_for(h.stats.remote(), 10)
+                pid = int(st["pid"])
             except Exception:  # noqa: BLE001 - a host restarting right now: the next look
                 continue
             self.roles[pid] = role
             self.hosts.setdefault(role, set()).add(name.split("#", 1)[0])
+            if isinstance(st.get("gc"), dict):
+                self.gc_first.setdefault(pid, st["gc"])
+                self.gc_last[pid] = st["gc"]
 
     async def _run(self) -> None:
         while True:
@@ -281,8 +287,25 @@ class HostRoles(_Background):
         for role in sorted(set(self.roles.values())):
             cpu = sampler.cpu_of((p for p, r in self.roles.items() if r == role), since=since)
             out[role] = {"hosts": len(self.hosts.get(role, ())), "cpu_s": round(cpu, 1),
-                         "cpu_ms_per_mail": round(1000 * cpu / terminal, 2) if terminal else None}
+                         "cpu_ms_per_mail": round(1000 * cpu / terminal, 2) if terminal else None,
+                         **self.gc_of(role)}
         return out
+
+    def gc_of(self, role: str) -> dict:
+        """The garbage collector in a role's hosts between the first and the last look (the
+        first is right after the clock started): pause seconds (wall time, see
+        ``actors.runtime.gcstats``), full (generation 2) passes, the longest pause of a host's
+        life. Empty when no host of the role answered with its ``gc``."""
+        pids = [p for p, r in self.roles.items() if r == role and p in self.gc_last]
+        if not pids:
+            return {}
+        secs = full = 0.0
+        for p in pids:
+            a, b = self.gc_first[p], self.gc_last[p]
+            secs += float(b.get("total_s", 0.0)) - float(a.get("total_s", 0.0))
+            full += int(b.get("collections", [0, 0, 0])[2]) - int(a.get("collections", [0, 0, 0])[2])
+        return {"gc_s": round(secs, 2), "gc_full_passes": int(full),
+                "gc_max_pause_ms": max(float(self.gc_last[p].get("max_pause_ms", 0.0)) for p in pids)}
 
 
 async def _empty_boxes(cfg, users: list[str], redis) -> int:

@@ -114,6 +114,8 @@ def markdown(r: dict) -> str:
         lines += ["Shard hosts by role (`ray::ShardHost` above; from the clock's start): " + ", ".join(
             f"{k} ({v['hosts']} host{'s' if v['hosts'] != 1 else ''}) {v['cpu_s']:.1f} s = "
             + (f"{v['cpu_ms_per_mail']:.2f} ms per mail" if v.get("cpu_ms_per_mail") is not None else "n/a per mail")
+            + (f" (garbage collector {v['gc_s']:.1f} s, {v['gc_full_passes']} full passes, longest pause "
+               f"{v['gc_max_pause_ms']:.0f} ms)" if v.get("gc_s") is not None else "")
             for k, v in roles.items()) + ".", ""]
     lines += [
         "RSS by process at 25 / 50 / 90 % of the run (MiB, summed over processes of a name; most growth first): "

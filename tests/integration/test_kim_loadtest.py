@@ -86,6 +86,7 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert roles["kim.slip"]["hosts"] == r["pipeline"]["slip_hosts"]
     assert roles["kim.worker"]["hosts"] >= r["pipeline"]["worker_hosts"]  # the autoscaler may add one
     assert all(v["cpu_s"] > 0 and v["cpu_ms_per_mail"] > 0 for v in roles.values())
+    assert all(v["gc_s"] >= 0 and v["gc_full_passes"] >= 0 and v["gc_max_pause_ms"] > 0 for v in roles.values())
     assert sum(v["cpu_s"] for v in roles.values()) <= r["resources"]["cpu_s_by_process"]["ray::ShardHost"] + 0.5
     # the slowest mails, broken down: they set the p99, and their parts add up to their latency
     slow = r["slowest"]

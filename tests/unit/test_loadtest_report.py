@@ -56,6 +56,15 @@ def test_the_markdown_report_splits_the_shard_hosts_cpu_by_role():
     assert "Shard hosts by role" not in markdown(_report())  # a report of before: no such line
 
 
+def test_the_markdown_report_gives_each_role_s_garbage_collector():
+    md = markdown(_report(shard_hosts_by_role={
+        "kim.slip": {"hosts": 2, "cpu_s": 8.0, "cpu_ms_per_mail": 4.0, "gc_s": 0.42, "gc_full_passes": 3,
+                     "gc_max_pause_ms": 61.4},
+        "kim.worker": {"hosts": 1, "cpu_s": 20.0, "cpu_ms_per_mail": 10.0}}))  # no gc: a host of before
+    assert ("kim.slip (2 hosts) 8.0 s = 4.00 ms per mail (garbage collector 0.4 s, 3 full passes, longest pause "
+            "61 ms), kim.worker (1 host) 20.0 s = 10.00 ms per mail.") in md
+
+
 def test_the_markdown_report_lists_the_slowest_mails():
     slow = latency_breakdown(100.0, _slip(100.1, [("load_raw", 100.1, 100.9, 3.0)]), t0=99.0)
     r = {"run_id": "x", "mode": "rate", "mails": 1, "mix_text": "eAU 100%", "fault_rate": 0.0, "mailboxes": 1,

@@ -105,3 +105,24 @@ def test_host_roles_split_the_shard_hosts_cpu_per_mail():
     # from the clock's start: 11 and 21 had burnt 2 and 10.5 s by then, 12 was born later
     late = roles.cpu_by_role(sampler, 1000, since={11: 3.0, 21: 11.0, 99: 1.0})
     assert (late["kim.slip"]["cpu_s"], late["kim.worker"]["cpu_s"]) == (6.0, 9.5)
+
+
+def test_host_roles_report_each_role_s_garbage_collector_since_the_first_look():
+    from deploy.loadtest.driver import HostRoles
+
+    sampler = ProcSampler([])
+    sampler.cpu_base, sampler.cpu_last = {11: 0.0, 12: 0.0, 21: 0.0}, {11: 1.0, 12: 1.0, 21: 4.0}
+    roles = HostRoles()
+    roles.roles = {11: "kim.slip", 12: "kim.slip", 21: "kim.worker"}
+    roles.hosts = {"kim.slip": {"kim.slip.host.0", "kim.slip.host.1"}, "kim.worker": {"kim.worker.host.0"}}
+
+    def gc(total, full, pause):
+        return {"collections": [100, 10, full], "total_s": total, "max_pause_ms": pause}
+
+    roles.gc_first = {11: gc(0.5, 1, 40.0), 12: gc(0.0, 0, 0.0), 21: gc(2.0, 3, 90.0)}  # warm-up's share
+    roles.gc_last = {11: gc(1.5, 4, 40.0), 12: gc(0.25, 2, 55.0), 21: gc(9.0, 23, 310.0)}
+    by = roles.cpu_by_role(sampler, 1000)
+    assert (by["kim.slip"]["gc_s"], by["kim.slip"]["gc_full_passes"], by["kim.slip"]["gc_max_pause_ms"]) == (1.25, 5, 55.0)
+    assert (by["kim.worker"]["gc_s"], by["kim.worker"]["gc_full_passes"], by["kim.worker"]["gc_max_pause_ms"]) == (7.0, 20, 310.0)
+    roles.gc_first, roles.gc_last = {}, {}  # hosts that never answered with their gc: CPU only
+    assert set(roles.cpu_by_role(sampler, 1000)["kim.worker"]) == {"hosts", "cpu_s", "cpu_ms_per_mail"}

@@ -25,7 +25,7 @@ from pathlib import Path
 from actors.kim.core_system import CoreSystemError, CoreSystemRejected
 from actors.kim.smtp import SmtpSendError
 from actors.kim.steps import answers, domain, technical  # noqa: F401  (registration)
-from actors.kim.steps._base import CACHE, CLAIMS, EFFECTS, ENDS_SEGMENT, LAYER, STEPS, StepFault, StepOut, Transient
+from actors.kim.steps._base import CACHE, CLAIMS, EFFECTS, ENDS_SEGMENT, LAYER, SEGMENT_KINDS, STEPS, StepFault, StepOut, Transient
 from protocols.kim.errors import KimError
 from protocols.kim.messages import StepError, StepOrder, StepResult
 from protocols.kim.roadmap import RoadMap, load_roadmap_versions, load_roadmaps
@@ -155,9 +155,14 @@ async def run_chain(order: StepOrder, ports, *, max_steps: int | None = None, sy
             first = results[0]
             return [StepResult(mail_id=order.mail_id, step=first.step, attempt=first.attempt, error=err,
                                started_at=first.started_at, duration_ms=first.duration_ms)]
+    refs = {*blobs.values(), *results[-1].blobs.values()}
     if rm is not None and _ends_mail(rm, results[-1]):
         # the mail's last step ran: what the cache holds of it is of no further use
-        CACHE.forget({*blobs.values(), *results[-1].blobs.values()})
+        CACHE.forget(refs)
+    elif results[-1].error is None and _impl(cur) in ENDS_SEGMENT:
+        # the segment ended at an effect, the mail goes round its slip: the XML tree is not
+        # walked again (a chain cut short by ``max_steps`` keeps it for the next one)
+        CACHE.forget(refs, kinds=SEGMENT_KINDS)
     return results
 
 

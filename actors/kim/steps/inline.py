@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from actors.kim.steps import roadmap_for, run_step
+from actors.kim.steps import CACHE, roadmap_for, run_step
 from protocols.kim.messages import StepOrder, StepResult
 from protocols.kim.roadmap import peek_procedure, select_roadmap
 
@@ -54,6 +54,7 @@ async def run_mail_inline(
         run.facts.update(d.facts)
         if d.action == "terminal":
             run.terminal, run.status = d.terminal or "", d.status or ""
+            CACHE.forget(run.blobs.values())  # as a worker does at a mail's end (run_chain)
             return run
         step, attempt = d.next_step or step, d.attempt
     raise RuntimeError(f"mail {mail_id}: no terminal after {max_steps} steps")
