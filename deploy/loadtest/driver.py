@@ -240,7 +240,8 @@ class HostRoles(_Background):
     """Which process is which shard host: pid -> role (``kim.slip``, ``kim.worker``), read from
     the hosts themselves every ``interval_s`` - a restarted host or one the autoscaler added
     comes with a new pid. The report splits the shard hosts' CPU by role with it (all of them
-    are ``ray::ShardHost`` to ``/proc``)."""
+    are ``ray::ShardHost`` to ``/proc``), and gives each role's garbage collector (the hosts'
+    ``stats()["gc"]``, read in the same call)."""
 
     def __init__(self, interval_s: float = 15.0) -> None:
         self.roles: dict[int, str] = {}

@@ -177,8 +177,10 @@ SEGMENT_KINDS = frozenset({"xml"})
 payload (``_root``; ~660 objects the garbage collector tracks for an 18 KB eAU - 88 % of
 what the cache holds). Every step that walks the tree runs in the mail's first segment;
 later segments read the typed documents built from it (``eau``, ``eeb``, ``eau_doc``) and
-parse again only if those were evicted. Kept until the mail's next segment, each tree
-outlived a few young-generation passes and was carried by every full pass until then."""
+parse again only if those were evicted. Kept until the mail's end, each tree outlived a
+few young-generation passes and was carried by every full pass until then: with 250 mails in
+flight on a worker the collector took 2.3 ms per mail, 0.9 without (in-process; in the load
+test a worker holds ~15 mails' entries and the hosts' CPU did not move)."""
 
 
 def blob_ref(order: StepOrder, name: str) -> str:
