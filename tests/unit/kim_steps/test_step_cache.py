@@ -8,6 +8,8 @@ py-spy of the 6,000-mail load test."""
 
 from __future__ import annotations
 
+import pytest
+
 from actors.kim.steps import CACHE, roadmap_for, run_chain
 from actors.kim.steps._base import _Lru
 from protocols.kim import _fhirxml
@@ -37,27 +39,33 @@ def test_a_parsed_object_weighs_what_its_caller_estimates():
     assert len(c) == 0 and c.used == 0
 
 
-async def test_a_mail_s_payload_is_parsed_once_while_150_others_are_in_flight(ports, gen, monkeypatch):
-    parses = []
+@pytest.fixture
+def parses(monkeypatch) -> list[int]:
+    """The XML payloads parsed (their sizes) while the test runs."""
+    seen: list[int] = []
     real = _fhirxml.parse_root
 
     def counting(data, err):
-        parses.append(len(data))
+        seen.append(len(data))
         return real(data, err)
 
     monkeypatch.setattr(_fhirxml, "parse_root", counting)
     CACHE.clear()
-    mails = [gen.eau() for _ in range(150)]
+    return seen
+
+
+async def _interleaved(ports, mails, *, chain: int, after_segment=None) -> int:
+    """Run the mails as a worker host does: one segment of every mail in flight per round
+    (``run_chain``), each mail back after its round trip. ``after_segment(blobs)`` is called
+    for a mail that goes on. Returns the rounds."""
     rm = roadmap_for(select_roadmap(peek_procedure(mails[0].raw)))
-    work = {}
-    for i, m in enumerate(mails):
-        work[i] = (rm.first, {}, {"raw": ports.blobs.put(m.raw, kind="mail")})
+    work = {i: (rm.first, {}, {"raw": ports.blobs.put(m.raw, kind="mail")}) for i, m in enumerate(mails)}
     rounds = 0
-    while work and rounds < 20:  # one segment of every mail in flight per round, as a worker host
+    while work and rounds < 20:
         rounds += 1
         for i, (step, facts, blobs) in list(work.items()):
             order = StepOrder(mail_id=f"m{i}", step=step, roadmap=rm.name, roadmap_version=rm.version,
-                              mailbox="b", facts=dict(facts), blobs=dict(blobs), chain=32)
+                              mailbox="b", facts=dict(facts), blobs=dict(blobs), chain=chain)
             d = None
             for r in await run_chain(order, ports):
                 assert r.error is None, (r.step, r.error)
@@ -67,9 +75,18 @@ async def test_a_mail_s_payload_is_parsed_once_while_150_others_are_in_flight(po
                 facts.update(d.facts)
             if d.action == "terminal":
                 del work[i]
-            else:
-                work[i] = (d.next_step, facts, blobs)
-    assert not work and rounds >= 3  # several segments each, interleaved
+                continue
+            work[i] = (d.next_step, facts, blobs)
+            if after_segment is not None:
+                after_segment(blobs)
+    assert not work
+    return rounds
+
+
+async def test_a_mail_s_payload_is_parsed_once_while_150_others_are_in_flight(ports, gen, parses):
+    mails = [gen.eau() for _ in range(150)]
+    rounds = await _interleaved(ports, mails, chain=32)
+    assert rounds >= 3  # several segments each, interleaved
     assert len(parses) == len(mails)  # once per payload (twice each with the 256-entry bound)
     # every mail reached its end: the cache let go of all of them (not left for eviction -
     # in rate mode a full cache made the heap big and the GC's full passes 200 ms stalls)
@@ -98,44 +115,21 @@ def test_forget_of_some_kinds_keeps_the_others_of_the_same_ref():
     assert len(c) == 0 and c.used == 0 and not c._kinds
 
 
-async def test_a_segment_that_ends_at_an_effect_leaves_no_xml_tree_behind(ports, gen, monkeypatch):
+async def test_a_segment_that_ends_at_an_effect_leaves_no_xml_tree_behind(ports, gen, parses):
     """Regression: every in-flight mail's parsed XML tree stayed in the worker's cache until
     the mail's end - ~660 objects the garbage collector tracks per eAU, 88 % of what the
     cache held, carried by every full collection while the mail went round its slip. The
     later segments read the typed documents; the tree is dropped when the first one ends."""
-    parses = []
-    real = _fhirxml.parse_root
-
-    def counting(data, err):
-        parses.append(len(data))
-        return real(data, err)
-
-    monkeypatch.setattr(_fhirxml, "parse_root", counting)
-    CACHE.clear()
     mails = [gen.eau() for _ in range(20)]
-    rm = roadmap_for(select_roadmap(peek_procedure(mails[0].raw)))
-    work = {i: (rm.first, {}, {"raw": ports.blobs.put(m.raw, kind="mail")}) for i, m in enumerate(mails)}
-    segments_after_the_first = 0
-    while work:
-        for i, (step, facts, blobs) in list(work.items()):
-            order = StepOrder(mail_id=f"m{i}", step=step, roadmap=rm.name, roadmap_version=rm.version,
-                              mailbox="b", facts=dict(facts), blobs=dict(blobs), chain=48)
-            if "payload" in blobs:
-                segments_after_the_first += 1
-            d = None
-            for r in await run_chain(order, ports):
-                assert r.error is None, (r.step, r.error)
-                facts.update(r.facts)
-                blobs.update(r.blobs)
-                d = rm.decide(r)
-                facts.update(d.facts)
-            if d.action == "terminal":
-                del work[i]
-                continue
-            work[i] = (d.next_step, facts, blobs)
-            assert CACHE.get(("xml", blobs["payload"])) is None  # the tree went with the segment
-            assert CACHE.get(("eau", blobs["payload"])) is not None  # the typed eAU stays for the next
-    assert segments_after_the_first >= 2 * len(mails)  # the mails did come back to the worker
+    came_back = []
+
+    def tree_gone(blobs):
+        came_back.append(blobs["payload"])
+        assert CACHE.get(("xml", blobs["payload"])) is None  # the tree went with the segment
+        assert CACHE.get(("eau", blobs["payload"])) is not None  # the typed eAU stays for the next
+
+    await _interleaved(ports, mails, chain=48, after_segment=tree_gone)
+    assert len(came_back) >= 2 * len(mails)  # the mails did come back to the worker
     assert len(parses) == len(mails)  # and none of their later segments parsed the XML again
     assert len(CACHE) == 0
 
