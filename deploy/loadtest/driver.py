@@ -182,7 +182,6 @@ class Monitor(_Background):
         self.terminal: dict[str, tuple[float, str]] = {}
         self.events = 0
         self.recent: deque[tuple[float, str]] = deque()  # (wall time seen, mail id) of terminal events
-        self._task: asyncio.Task | None = None
         self.error: str | None = None
         self.interval_s = 1.0
 
@@ -249,7 +248,6 @@ class HostRoles(_Background):
         self.gc_first: dict[int, dict] = {}  # pid -> its collector (stats()["gc"]) at the first look
         self.gc_last: dict[int, dict] = {}  # pid -> ... at the latest look
         self.interval_s = interval_s
-        self._task: asyncio.Task | None = None
 
     async def look(self) -> None:
         import ray
@@ -300,12 +298,12 @@ class HostRoles(_Background):
         pids = [p for p, r in self.roles.items() if r == role and p in self.gc_last]
         if not pids:
             return {}
-        secs = full = 0.0
+        secs, full = 0.0, 0
         for p in pids:
             a, b = self.gc_first[p], self.gc_last[p]
             secs += float(b.get("total_s", 0.0)) - float(a.get("total_s", 0.0))
             full += int(b.get("collections", [0, 0, 0])[2]) - int(a.get("collections", [0, 0, 0])[2])
-        return {"gc_s": round(secs, 2), "gc_full_passes": int(full),
+        return {"gc_s": round(secs, 2), "gc_full_passes": full,
                 "gc_max_pause_ms": max(float(self.gc_last[p].get("max_pause_ms", 0.0)) for p in pids)}
 
 
