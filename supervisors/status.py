@@ -90,14 +90,14 @@ def _rows(table: Table, node: dict, depth: int, last: bool, prefix: str) -> None
     node_id = node.get("node_id") or ""
     reason = node.get("failure") or node.get("error") or node.get("last_death_reason") or ""
     table.add_row(
-        label,
+        Text(label),  # plain text: "[one_for_one]" is no markup tag
         Text(state, style=_STATE_STYLE.get(state, "")),
         str(node.get("restarts", "-") if depth else node.get("restarts_in_window", 0)),
         _ms(node.get("last_restart_ms")),
         str(node.get("pid") or "-"),
         node_id[:8],
-        node.get("actor_name") or "-",
-        reason,
+        Text(node.get("actor_name") or "-"),
+        Text(reason),  # exception text may hold "[...]"
     )
     children = node.get("children") or []
     for i, child in enumerate(children):
@@ -120,7 +120,19 @@ def render_tree(tree: dict, console: Console | None = None) -> None:
     ):
         table.add_column(col, **kw)
     _rows(table, tree, 0, True, "")
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:
+        # a log or a pipe (``make run > log``, CI) has no width: rich assumes 80 columns and
+        # squeezed state, restarts and pid to nothing next to the two no-wrap columns - print
+        # the table as wide as it needs instead (a terminal keeps its own width)
+        need = console.measure(table, options=console.options.update_width(10_000)).maximum
+        was = console.width
+        console.width = max(was, need)
+        try:
+            console.print(table)
+        finally:
+            console.width = was
     console.print(
         "[dim]restarts: per child, by its supervisor (root row: restarts in the current "
         "intensity window); last restart ms: death noticed → new incarnation serving[/dim]"
