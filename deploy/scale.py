@@ -17,7 +17,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from actors.runtime.textui import data_row
 
 console = Console()
 scale_app = typer.Typer(help="Scale-out: pools, shard maps, the autoscaler; multi-node runs.", no_args_is_help=True)
@@ -50,7 +53,7 @@ def status(ctx: typer.Context) -> None:
         _connect(cfg)
         st = ray.get(_autoscaler(cfg).status.remote(), timeout=10)
     except Exception as e:
-        console.print(f"[red]no running autoscaler[/] ({type(e).__name__}: {e}); is `automat run` up "
+        console.print(f"[red]no running autoscaler[/] ({type(e).__name__}: {escape(str(e))}); is `automat run` up "
                       "(and autoscale.enabled)?")
         raise typer.Exit(1)
     t = Table(title="autoscaled pools")
@@ -69,7 +72,7 @@ def status(ctx: typer.Context) -> None:
         ev.add_column(col)
     for e in st["events"][-15:]:
         hosts = f"{e.get('hosts_before', '')}->{e.get('hosts_after', '')}" if "hosts_before" in e else e.get("host", "")
-        ev.add_row(str(e["t"]), e["kind"], e["action"], str(hosts), str(e.get("reason", ""))[:70],
+        data_row(ev, str(e["t"]), e["kind"], e["action"], str(hosts), str(e.get("reason", ""))[:70],
                    str(e.get("moved", "")), str(e.get("handover_s", "")))
     console.print(ev)
 

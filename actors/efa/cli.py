@@ -22,7 +22,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from actors.runtime.textui import data_row
 
 efa_app = typer.Typer(help="EFA case records: status, access log, enrolment.", no_args_is_help=True)
 console = Console()
@@ -63,7 +66,7 @@ def _ask(cfg, ecr_ref: str, msg):
     try:
         ray.init(address="auto", namespace=cfg.runtime.namespace, log_to_driver=False, logging_level="ERROR")
     except Exception as e:
-        console.print(f"[red]cannot reach the running cluster ({type(e).__name__}: {e}); is `automat run` up?[/]")
+        console.print(f"[red]cannot reach the running cluster ({type(e).__name__}: {escape(str(e))}); is `automat run` up?[/]")
         raise typer.Exit(1) from None
 
     async def go():
@@ -93,7 +96,7 @@ def status(
     ref = _resolve_ref(cfg, ecr_ref, patient, purpose)
     r = _ask(cfg, ref, RecordStatusQuery())
     if not r.ok:
-        console.print(f"[red]{r.code}[/]: {r.message}")
+        console.print(f"[red]{r.code}[/]: {escape(str(r.message))}")
         raise typer.Exit(1)
     d = r.data
     t = Table(title=f"EFA record {ref}")
@@ -125,14 +128,14 @@ def access_log(
     ref = _resolve_ref(cfg, ecr_ref, patient, purpose)
     r = _ask(cfg, ref, AccessLogQuery(limit=limit))
     if not r.ok:
-        console.print(f"[red]{r.code}[/]: {r.message}")
+        console.print(f"[red]{r.code}[/]: {escape(str(r.message))}")
         raise typer.Exit(1)
     t = Table(title=f"access log of {ref}" + (f" ({r.data['dropped']} older entries dropped)" if r.data["dropped"] else ""))
     for col in ("at", "subject", "organisation", "operation", "outcome", "detail"):
         t.add_column(col)
     for e in r.data["entries"]:
         style = "" if e["outcome"] == "ok" else "red"
-        t.add_row(_ts(e["at"]), e["sub"], e["org"], e["op"], e["outcome"], e["detail"], style=style)
+        data_row(t, _ts(e["at"]), e["sub"], e["org"], e["op"], e["outcome"], e["detail"], style=style)
     console.print(t)
 
 

@@ -25,7 +25,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from actors.runtime.textui import data_row
 
 hl7_app = typer.Typer(help="HL7 v2 import (DURIA-style): pending patients, take-over, search, messages, bench.",
                       no_args_is_help=True)
@@ -78,7 +81,7 @@ def pending_cmd(ctx: typer.Context, unit: Optional[str] = typer.Option(None, hel
     for c in ("id", "unit", "patient no.", "name", "born", "cases", "received", "discharged"):
         t.add_column(c)
     for bu, e in rows:
-        t.add_row(e.patient_key[:13], bu, e.patient_number, ", ".join(x for x in (e.family, e.given) if x),
+        data_row(t, e.patient_key[:13], bu, e.patient_number, ", ".join(x for x in (e.family, e.given) if x),
                   str(e.birth_date or ""), " ".join(e.case_numbers),
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(e.received_at)), str(e.discharged_at or ""))
     console.print(t)
@@ -93,7 +96,7 @@ def take_cmd(ctx: typer.Context, ident: str = typer.Argument(..., metavar="ID"))
     _connect(cfg)
     res = _run(cfg, lambda r: ops.take(r, _units(cfg, None), ident))
     if not res.ok:
-        console.print(f"[red]not taken:[/red] {res.reason}")
+        console.print(f"[red]not taken:[/red] {escape(str(res.reason))}")
         raise typer.Exit(1)
     console.print(f"taken over; cases created: {res.cases_created}")
 
@@ -141,7 +144,7 @@ def messages_cmd(ctx: typer.Context, limit: int = typer.Option(30), errors: bool
     for c in ("at", "interface", "type", "control id", "ack", "error", "ref"):
         t.add_column(c, overflow="fold")
     for d in rows:
-        t.add_row(time.strftime("%H:%M:%S", time.localtime(float(d["at"]))), d["iface"], d["type"], d["cid"],
+        data_row(t, time.strftime("%H:%M:%S", time.localtime(float(d["at"]))), d["iface"], d["type"], d["cid"],
                   d["ack"] or "-", d["error"], d["ref"])
     console.print(t)
 
@@ -158,7 +161,7 @@ def show_cmd(ctx: typer.Context, ref: str) -> None:
     console.print(f"interface {rec['interface']}  source {rec['source']}")
     print(rec["raw"].replace("\r", "\n"))
     for o in rec["outcomes"]:
-        console.print(f"-> {o['type']} {o['control_id']}: {o['ack'] or 'no ACK'} {o['error']} {o['reason']}")
+        console.print(escape(f"-> {o['type']} {o['control_id']}: {o['ack'] or 'no ACK'} {o['error']} {o['reason']}"))
 
 
 @hl7_app.command("fetch")

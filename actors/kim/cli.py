@@ -21,7 +21,10 @@ from datetime import datetime, timezone
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from actors.runtime.textui import data_row
 
 mails_app = typer.Typer(help="KIM mails: routing slips, parked mails, redrive, ledger.", no_args_is_help=True)
 console = Console()
@@ -95,7 +98,7 @@ def _slip_table(rows: list[dict], title: str, reason: bool = False) -> Table:
                  str(s.get("attempt") or ""), out, _ts(s.get("updated_at"))]
         if reason:
             cells.append((s.get("reason") or "")[:80])
-        t.add_row(*cells)
+        data_row(t, *cells)
     return t
 
 
@@ -139,7 +142,7 @@ def show_cmd(ctx: typer.Context, mail_id: str = typer.Argument(..., help="the ma
     console.print(f"status [bold]{s['status']}[/]  step {s.get('step')} #{s.get('attempt')}  "
                   f"outcome {s.get('outcome')}  error {s.get('error_code')}  redrives {s.get('redrives', 0)}")
     if s.get("reason"):
-        console.print(f"reason: {s['reason']}")
+        console.print(f"reason: {escape(s['reason'])}")
     end = s.get("finished_at") or s.get("updated_at") or 0
     console.print(f"received {_ts(s['created_at'])} UTC, {'finished' if s.get('finished_at') else 'last change'} "
                   f"after {end - s['created_at']:.3f} s, {s.get('steps_run', 0)} step runs")
@@ -149,7 +152,7 @@ def show_cmd(ctx: typer.Context, mail_id: str = typer.Argument(..., help="the ma
     t0 = s["created_at"]
     for i, h in enumerate(s.get("history", []), 1):
         took = f"{(h['ended'] - h['started']) * 1000:.1f}" if h.get("ended") else "running"
-        t.add_row(str(i), h["step"], str(h["attempt"]), f"{(h['started'] - t0) * 1000:.1f}", took,
+        data_row(t, str(i), h["step"], str(h["attempt"]), f"{(h['started'] - t0) * 1000:.1f}", took,
                   f"{h.get('worker_ms') or 0:.1f}", h.get("result") or "", (h.get("error") or "")[:60])
     console.print(t)
     if s.get("facts"):
@@ -157,7 +160,7 @@ def show_cmd(ctx: typer.Context, mail_id: str = typer.Argument(..., help="the ma
         f.add_column("fact")
         f.add_column("value")
         for k, v in sorted(s["facts"].items()):
-            f.add_row(k, str(v)[:80])
+            data_row(f, k, str(v)[:80])
         console.print(f)
 
 

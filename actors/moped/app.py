@@ -37,6 +37,8 @@ async def demo(cfg, router, console) -> None:
     """Start the FHIR endpoint and run one stay through it (admission to decision)."""
     import asyncio
 
+    from rich.markup import escape
+
     import httpx
     from ray import serve
 
@@ -46,7 +48,7 @@ async def demo(cfg, router, console) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         await asyncio.to_thread(serve_app, cfg)
     except Exception as e:  # Serve already running elsewhere, port taken, ...
-        console.print(f"[yellow]moped[/] FHIR endpoint not started: {e}")
+        console.print(f"[yellow]moped[/] FHIR endpoint not started: {escape(str(e))}")
         return
     base = "http://127.0.0.1:8000/moped"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from actors.runtime.textui import data_row
+
 moped_app = typer.Typer(help="MOPED FHIR billing cases.", no_args_is_help=True)
 console = Console()
 
@@ -92,7 +94,7 @@ def show(
                 "Provenance", "entity (previous)"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(str(r["vid"]), r["activity"], r["recorded"], r["workflow"], r["status"], r["who"],
+        data_row(t, str(r["vid"]), r["activity"], r["recorded"], r["workflow"], r["status"], r["who"],
                   r["on_behalf_of"], r["provenance"], r["previous"] or "-")
     console.print(t)
     last = rows[-1]["sections"]

@@ -69,6 +69,8 @@ async def demo(cfg, router, console) -> None:
     refused by the 5-minute rule, a direct read, a published slot. The simulator stays up
     and makes a change every 10 s; the practices poll it every 5 minutes (move the shared
     clock with `automat tss clock --advance 300` to see a poll now)."""
+    from rich.markup import escape
+
     from actors.tss.ports import clock_file, file_clock
     from deploy.sim_tss import SimServer, TerminService  # wiring: the simulator lives in deploy/
     from protocols.tss.messages import PollNow, PublishSlot, ReadResource
@@ -88,7 +90,7 @@ async def demo(cfg, router, console) -> None:
     key = next(iter(practices))
     for _ in range(2):  # the first Provenance search may run now, a second one is refused
         r = await router.ask(KIND, key, PollNow())
-        console.print(f"[bold]tss[/] manual poll of {key}: {type(r).__name__} {getattr(r, 'reason', '')}")
+        console.print(f"[bold]tss[/] manual poll of {key}: {type(r).__name__} {escape(str(getattr(r, 'reason', '')))}")
     sched = next(k for k in sim.practices[key].current if k.startswith("Schedule/")).split("/")[1]
     pub = await router.ask(KIND, key, PublishSlot(schedule_id=sched, start="2031-01-01T09:00:00Z",
                                                   end="2031-01-01T09:15:00Z"))

@@ -15,7 +15,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from actors.runtime.textui import data_row
 
 console = Console()
 tss_app = typer.Typer(help="116117 appointment sync: practice sync cursors.", no_args_is_help=True)
@@ -76,14 +79,14 @@ def status(ctx: typer.Context, practice: Optional[str] = typer.Option(None, help
         t.add_column(c, overflow="fold")
     for pid, s in list(states.items())[:limit]:
         allowed = (s.last_poll_at + s.poll_interval_s) if s.last_poll_at else None
-        t.add_row(pid, s.phase, f"{s.cursor.recorded or '-'} / {s.cursor.id or '-'}", _ago(s.last_sync_at, now),
+        data_row(t, pid, s.phase, f"{s.cursor.recorded or '-'} / {s.cursor.id or '-'}", _ago(s.last_sync_at, now),
                   _ago(allowed, now) if allowed and allowed > now else "now",
                   f"{now - s.last_sync_at:.0f}s" if s.last_sync_at else "-",
                   str(s.applied), str(len(s.store.resources)), s.error_code or "")
     console.print(t)
     for pid, s in list(states.items())[:limit] if practice else []:
         if s.last_error:
-            console.print(f"{pid}: last error ({s.errors} so far): {s.last_error}")
+            console.print(escape(f"{pid}: last error ({s.errors} so far): {s.last_error}"))
     if states:
         lags = [now - s.last_sync_at for s in states.values() if s.last_sync_at]
         errs = sum(1 for s in states.values() if s.error_code)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 
 def loadtest_cmd(
@@ -61,7 +62,7 @@ def loadtest_cmd(
     try:
         r = asyncio.run(run_loadtest(cfg, opt, console))
     except ValueError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     led = r["ledger"]
     if led["lost"] or led["duplicates"] or not led["balanced"]:

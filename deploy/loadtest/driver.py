@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from rich.markup import escape
+
 from deploy.loadtest import report as rep
 from deploy.loadtest.calibration import calibrate, kernel_cores
 from deploy.loadtest.feed import RateFeeder, expected_outcome, feed_maildir, parse_mix
@@ -608,7 +610,7 @@ async def _run_pipeline(lcfg, opt, console, run_id, redis, fed, raws, gen_stats,
         except Exception as e:
             if attempt == 4 or "timed out during startup" not in str(e):
                 raise
-            console.print(f"[yellow]Ray did not come up ({e}); trying again[/]")
+            console.print(f"[yellow]Ray did not come up ({escape(str(e))}); trying again[/]")
             ray.shutdown()
             await asyncio.sleep(5.0 * (attempt + 1))
     roots = [os.getpid()]
