@@ -27,6 +27,9 @@ from actors.runtime.config import AutomatConfig, ConfigError, load_config
 
 console = Console()
 
+LOG_COLUMNS = 160
+"""Width of the command's output when it is not a terminal (``make run > log``, CI, pipes)."""
+
 app = typer.Typer(
     name="automat",
     help="automat: actor-model integration hub for German healthcare data exchange, on Ray.",
@@ -254,6 +257,10 @@ def main() -> None:
     # Production clusters set RAY_AUTH_MODE=token explicitly (deploy/k8s), which wins.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not sys.stdout.isatty():
+        # a log or a pipe has no width: rich took 80 columns and squeezed the ledger's and the
+        # status tables' columns to "del…"; LOG_COLUMNS unless the caller set COLUMNS
+        os.environ.setdefault("COLUMNS", str(LOG_COLUMNS))
     try:
         app()
     except ConfigError as e:

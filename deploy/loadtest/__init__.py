@@ -14,7 +14,8 @@ from rich.markup import escape
 
 def loadtest_cmd(
     ctx: typer.Context,
-    mails: int = typer.Option(..., "--mails", "-n", help="how many KIM mails (e.g. 240000 = a day of the seed's profile)"),
+    mails: Optional[int] = typer.Option(None, "--mails", "-n", help="how many KIM mails (e.g. 240000 = a day of the "
+                                        "seed's profile); required but with --sweep"),
     rate: Optional[float] = typer.Option(None, "--rate", help="rate mode: offered load in mails/s over IMAP APPEND "
                                          "(2.8 = 240k/day, 7 = the seed's peak); default: throughput mode"),
     mailboxes: int = typer.Option(20, "--mailboxes", "-m", help="mailboxes (IMAP users load01..loadMM), 1..100"),
@@ -43,6 +44,14 @@ def loadtest_cmd(
     keep: bool = typer.Option(False, "--keep", help="keep mails, blobs, core system and Redis data afterwards"),
     live: bool = typer.Option(True, "--live/--no-live", help="live progress display"),
     profile: bool = typer.Option(False, "--profile", help="py-spy the step workers for 30 s mid-run"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="rate sweep: one rate-mode run per offered rate, e.g. "
+                                        "'7,20,40,60' (mails/s, rising); finds the highest rate that keeps up "
+                                        "within the p99 target (the knee)"),
+    sweep_seconds: float = typer.Option(60.0, "--sweep-seconds", help="seconds of offered load per sweep point "
+                                        "(mails = rate x seconds)"),
+    p99_target_ms: float = typer.Option(500.0, "--p99-target-ms", help="the sweep's latency target (end to end p99)"),
+    sweep_all: bool = typer.Option(False, "--sweep-all", help="run every sweep point, also past the first "
+                                   "saturated one"),
 ) -> None:
     """Load test of the KIM pipeline: generated KIM mails into Dovecot, the real pipeline, a report.
 
@@ -55,6 +64,15 @@ def loadtest_cmd(
     cfg = get_config(ctx)
     logging.basicConfig(level=logging.WARNING)
     console = Console()
+    if sweep is not None:
+        _sweep(cfg, console, sweep, sweep_seconds, p99_target_ms, sweep_all, rate=rate, mails=mails, mailboxes=mailboxes,
+               mix=mix, faults=faults, out=out, seed=seed, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
+               fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms,
+               redis_db=redis_db, timeout_s=timeout, keep=keep, live=live)
+        return
+    if mails is None:
+        console.print("[red]error:[/] --mails is required (or --sweep RATES for a rate sweep)")
+        raise typer.Exit(2)
     opt = Options(mails=mails, rate=rate, mailboxes=mailboxes, mix=mix, faults=faults, out=out, seed=seed,
                   baselines=baselines, baseline_mails=baseline_mails, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
                   fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms, redis_db=redis_db, timeout_s=timeout, keep=keep, live=live,
@@ -66,4 +84,23 @@ def loadtest_cmd(
         raise typer.Exit(2) from None
     led = r["ledger"]
     if led["lost"] or led["duplicates"] or not led["balanced"]:
+        raise typer.Exit(1)
+
+
+def _sweep(cfg, console, rates_text: str, seconds: float, p99_target_ms: float, all_points: bool, *, rate, mails,
+           **kw) -> None:
+    from deploy.loadtest.driver import Options
+    from deploy.loadtest.sweep import parse_rates, run_sweep
+
+    try:
+        if rate is not None or mails is not None:
+            raise ValueError("--sweep sets each point's rate and mails (rate x --sweep-seconds): leave out --rate "
+                             "and --mails")
+        rates = parse_rates(rates_text)
+        opt = Options(mails=1, rate=rates[0], baselines=False, **kw)
+        s = asyncio.run(run_sweep(cfg, opt, rates, seconds, p99_target_ms, console, all_points=all_points))
+    except ValueError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    if s["summary"]["lost"] or s["summary"]["duplicates"] or not s["summary"]["balanced"]:
         raise typer.Exit(1)

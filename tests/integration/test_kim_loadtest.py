@@ -102,3 +102,34 @@ def test_loadtest_smoke_ledger_and_report_shape(stack, cfg, tmp_path):
     assert "## Ledger" in md and "## Baselines" in md and "cores' worth of the kernel" in md and "## The slowest mails" in md and "Shard hosts by role" in md and md.rstrip().endswith(last.strip())
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.timeout(900)
+def test_rate_sweep_finds_the_knee_and_stops_at_saturation(stack, cfg, tmp_path):
+    """``automat loadtest --sweep``: a point the pipeline keeps up with, then one it cannot
+    (400 mails/s offered for 5 s - far beyond this machine); the sweep stops there, the third
+    rate is not run, and the knee is the first point. Every point balanced, nothing lost."""
+    out = tmp_path / "sweep"
+    env = {**os.environ, "AUTOMAT_RUN_DIR": str(cfg.run_dir)}
+    cmd = [sys.executable, "-m", "deploy.cli", "loadtest", "--sweep", "3,400,800", "--sweep-seconds", "5",
+           "--mailboxes", "4", "--redis-db", "5", "--no-live", "--out", str(out), "--timeout", "600", "--seed", "77"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
+    tail = (p.stdout + p.stderr)[-4000:]
+    assert p.returncode == 0, tail
+    last = [ln for ln in p.stdout.splitlines() if ln.strip()][-1].strip()
+    assert last == "sweep knee_mails_per_s=3  p99_target_ms=500  points=2  lost=0  duplicates=0", tail
+
+    s = json.loads((out / "sweep.json").read_text())
+    low, high = s["points"]
+    assert (low["offered_mails_per_s"], low["mails"], high["offered_mails_per_s"], high["mails"]) == (3, 15, 400, 2000)
+    assert low["kept_up"] and not high["kept_up"] and high["finished_mails_per_s"] < 380
+    assert s["summary"]["first_saturated_mails_per_s"] == 400
+    assert any("not run: 800" in n for n in s["notes"])
+    assert not (out / "rate-800").exists()
+    for p_, rate in ((low, 3), (high, 400)):
+        r = json.loads((Path(p_["report"]) / "report.json").read_text())
+        assert r["mode"] == "rate" and r["offered_rate"] == rate and r["baselines"] == []
+        assert r["ledger"]["balanced"] and r["ledger"]["lost"] == 0 and r["ledger"]["as_expected"] == r["mails"]
+    md = (out / "sweep.md").read_text()
+    assert "**Knee: 3 mails/s**" in md and md.rstrip().endswith(last)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,25 @@ def test_a_pool_shrinks_back_to_its_configured_size_not_below():
     assert scaler._min(explicit) == 1
     with pytest.raises(ValueError, match="min_hosts"):
         PoolPolicy(kind="x", supervisor="s", min_hosts=5, max_hosts=4)
+
+
+def test_output_to_a_log_is_wide_enough_for_the_tables():
+    """Regression: piped or redirected (``make run > log``, CI) rich assumed 80 columns and
+    cut the ledger's and the supervisor tree's columns to ``del…``; the command now writes
+    ``LOG_COLUMNS`` wide unless the caller set ``COLUMNS``."""
+    import subprocess
+    import sys
+
+    from deploy.cli import LOG_COLUMNS
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.run([sys.executable, "-m", "deploy.cli", "loadtest", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr
+    widths = [len(line) for line in p.stdout.splitlines()]
+    assert 80 < max(widths) <= LOG_COLUMNS
+    # an option's help on one line, not wrapped at 80
+    assert any("--p99-target-ms" in line and "latency target" in line for line in p.stdout.splitlines())
+    p = subprocess.run([sys.executable, "-m", "deploy.cli", "loadtest", "--help"], capture_output=True, text=True,
+                       env={**env, "COLUMNS": "100"}, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert max(len(line) for line in p.stdout.splitlines()) <= 100
