@@ -49,6 +49,13 @@ def point_of(rate: float, r: dict, report_dir: Path | None = None) -> dict:
     """One sweep point from a rate-mode run's report."""
     t, lat, led, res = r["throughput"], r["latency_ms"], r["ledger"], r["resources"]
     achieved = t.get("mails_per_s")
+    n = max(1, r["mails"])
+    roles = res.get("shard_hosts_by_role") or {}
+    by_proc = res.get("cpu_s_by_process") or {}
+
+    def ms_per_mail(*names: str) -> float:
+        return round(sum(by_proc.get(x, 0.0) for x in names) / n * 1000, 2)
+
     return {
         "offered_mails_per_s": rate,
         "mails": r["mails"],
@@ -57,6 +64,13 @@ def point_of(rate: float, r: dict, report_dir: Path | None = None) -> dict:
         "p50_ms": lat.get("p50"), "p95_ms": lat.get("p95"), "p99_ms": lat.get("p99"), "max_ms": lat.get("max"),
         "pickup_p99_ms": lat.get("pickup_p99"),
         "cpu_s_per_mail": res.get("cpu_s_per_mail"),
+        # CPU ms per mail where it goes: the shard hosts by role, the mailbox actors (pick-up:
+        # NOOP polls, fetch, claim check), Dovecot (the feed's APPENDs and the pick-up's
+        # commands, TLS in imap-login) - the feed runs on the same cores as the pipeline
+        "slip_ms_per_mail": (roles.get("kim.slip") or {}).get("cpu_ms_per_mail"),
+        "worker_ms_per_mail": (roles.get("kim.worker") or {}).get("cpu_ms_per_mail"),
+        "mailbox_actors_ms_per_mail": ms_per_mail("ray::MailboxFet"),
+        "dovecot_ms_per_mail": ms_per_mail("imap", "imap-login"),
         "lost": led["lost"], "duplicates": led["duplicates"], "balanced": led["balanced"],
         "run_id": r.get("run_id"),
         "report": str(report_dir) if report_dir else None,
@@ -103,13 +117,10 @@ def markdown(sweep: dict) -> str:
         "",
         ("**Knee: {:g} mails/s** offered kept up with p99 {} ms (<= {:g} ms)".format(knee, _ms(s["knee_p99_ms"]),
                                                                                 s["p99_target_ms"])
-         if knee is not None else f"**No point** met the p99 target of {s['p99_target_ms']:g} ms."),
+         if knee is not None else f"**No point** met the p99 target of {s['p99_target_ms']:g} ms")
+        + (f"; saturated from {s['first_saturated_mails_per_s']:g} mails/s offered (finished fewer than "
+           f"{KEEP_UP:.0%} of the offered mails per second)." if s["first_saturated_mails_per_s"] is not None else "."),
     ]
-    if s["first_saturated_mails_per_s"] is not None:
-        lines.append(f"; saturated from {s['first_saturated_mails_per_s']:g} mails/s offered (finished fewer than "
-                     f"{KEEP_UP:.0%} of the offered mails per second).")
-    else:
-        lines[-1] += "."
     lines += [
         "",
         "| offered mails/s | mails | finished mails/s | kept up | p50 ms | p95 ms | p99 ms | max ms | pick-up p99 ms "
@@ -122,6 +133,19 @@ def markdown(sweep: dict) -> str:
             f"{'yes' if p['kept_up'] else 'no'} | {_ms(p['p50_ms'])} | {_ms(p['p95_ms'])} | {_ms(p['p99_ms'])} | "
             f"{_ms(p['max_ms'])} | {_ms(p['pickup_p99_ms'])} | {p['cpu_s_per_mail']} | {p['lost']} | "
             f"{p['duplicates']} | {Path(p['report']).name if p['report'] else ''} |")
+    lines += [
+        "",
+        "CPU ms per mail by part (all processes of a point over its mails; at low rates the fixed cost of an idle "
+        "stack dominates):",
+        "",
+        "| offered mails/s | all | slip hosts | worker hosts | mailbox actors | Dovecot |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in pts:
+        cpu = p["cpu_s_per_mail"]
+        lines.append(f"| {p['offered_mails_per_s']:g} | {_ms(cpu * 1000 if cpu is not None else None)} | "
+                     f"{_ms(p['slip_ms_per_mail'])} | {_ms(p['worker_ms_per_mail'])} | "
+                     f"{_ms(p['mailbox_actors_ms_per_mail'])} | {_ms(p['dovecot_ms_per_mail'])} |")
     for n in sweep.get("notes", []):
         lines += ["", f"- {n}"]
     lines += ["", summary_line(s, pts), ""]

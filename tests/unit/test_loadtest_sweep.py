@@ -13,7 +13,11 @@ from deploy.loadtest.sweep import markdown, mails_for, parse_rates, point_of, su
 def _report(mails: int, achieved: float, p99: float, lost: int = 0, dup: int = 0) -> dict:
     return {"run_id": "r", "mails": mails, "throughput": {"mails_per_s": achieved},
             "latency_ms": {"p50": p99 / 2, "p95": p99 * 0.9, "p99": p99, "max": p99 * 1.2, "pickup_p99": 100.0},
-            "ledger": {"lost": lost, "duplicates": dup, "balanced": True}, "resources": {"cpu_s_per_mail": 0.03}}
+            "ledger": {"lost": lost, "duplicates": dup, "balanced": True},
+            "resources": {"cpu_s_per_mail": 0.03, "cpu_s_by_process": {"ray::MailboxFet": mails * 0.01, "imap": mails * 0.004,
+                                                                        "imap-login": mails * 0.002},
+                          "shard_hosts_by_role": {"kim.slip": {"cpu_ms_per_mail": 11.0},
+                                                  "kim.worker": {"cpu_ms_per_mail": 20.0}}}}
 
 
 def test_rates_are_positive_and_rising():
@@ -25,6 +29,12 @@ def test_rates_are_positive_and_rising():
 
 def test_a_point_offers_rate_times_seconds():
     assert mails_for(7, 60) == 420 and mails_for(2.8, 60) == 168 and mails_for(0.01, 1) == 1
+
+
+def test_a_point_splits_its_cpu_per_mail_by_part():
+    p = point_of(20, _report(1200, 19.9, 260))
+    assert (p["slip_ms_per_mail"], p["worker_ms_per_mail"], p["mailbox_actors_ms_per_mail"],
+            p["dovecot_ms_per_mail"]) == (11.0, 20.0, 10.0, 6.0)
 
 
 def test_a_point_that_finished_fewer_mails_than_offered_is_saturated():
@@ -54,8 +64,9 @@ def test_the_report_has_its_table_chart_and_summary_line(tmp_path):
              "rates": [7, 80], "points": pts, "summary": summarize(pts, 500), "notes": ["stopped after 80"]}
     paths = write(sweep, tmp_path)
     md = paths["markdown"].read_text()
-    assert "**Knee: 7 mails/s**" in md and "saturated from 80 mails/s" in md
+    assert "**Knee: 7 mails/s** offered kept up with p99 190 ms (<= 500 ms); saturated from 80 mails/s" in md
     assert "| 80 | 4800 | 70.0 | no |" in md and "rate-7" in md
+    assert "| 7 | 30 | 11 | 20 | 10 | 6 |" in md
     assert md.strip().splitlines()[-1] == "sweep knee_mails_per_s=7  p99_target_ms=500  points=2  lost=0  duplicates=0"
     assert json.loads(paths["json"].read_text())["summary"]["knee_mails_per_s"] == 7
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
