@@ -15,7 +15,7 @@ from rich.markup import escape
 def loadtest_cmd(
     ctx: typer.Context,
     mails: Optional[int] = typer.Option(None, "--mails", "-n", help="how many KIM mails (e.g. 240000 = a day of the "
-                                        "seed's profile); required but with --sweep"),
+                                        "seed's profile); required unless --sweep"),
     rate: Optional[float] = typer.Option(None, "--rate", help="rate mode: offered load in mails/s over IMAP APPEND "
                                          "(2.8 = 240k/day, 7 = the seed's peak); default: throughput mode"),
     mailboxes: int = typer.Option(20, "--mailboxes", "-m", help="mailboxes (IMAP users load01..loadMM), 1..100"),
@@ -68,7 +68,7 @@ def loadtest_cmd(
         _sweep(cfg, console, sweep, sweep_seconds, p99_target_ms, sweep_all, rate=rate, mails=mails, mailboxes=mailboxes,
                mix=mix, faults=faults, out=out, seed=seed, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
                fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms,
-               redis_db=redis_db, timeout_s=timeout, keep=keep, live=live)
+               redis_db=redis_db, timeout_s=timeout, keep=keep, live=live, profile=profile)
         return
     if mails is None:
         console.print("[red]error:[/] --mails is required (or --sweep RATES for a rate sweep)")

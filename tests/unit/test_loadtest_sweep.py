@@ -71,3 +71,18 @@ def test_the_report_has_its_table_chart_and_summary_line(tmp_path):
     assert json.loads(paths["json"].read_text())["summary"]["knee_mails_per_s"] == 7
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "No point" in markdown({**sweep, "summary": summarize(pts, 10)})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "7,20", "--mails", "100"], "leave out --rate and --mails"),
+    (["--sweep", "20,7"], "rising rates"),
+    ([], "--mails is required"),
+])
+def test_the_command_refuses_what_it_cannot_run(args, message):
+    """Usage errors end with exit code 2 and say what to change - before any stack is touched."""
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    res = CliRunner().invoke(app, ["loadtest", *args], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and message in res.output, res.output
