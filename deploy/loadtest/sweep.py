@@ -197,7 +197,7 @@ async def run_sweep(cfg, opt, rates: list[float], seconds: float, p99_target_ms:
     saturated point unless ``all_points``."""
     import os
 
-    from deploy.loadtest.driver import _mem_gib, run_loadtest
+    from deploy.loadtest.driver import run_loadtest
 
     if seconds <= 0:
         raise ValueError("--sweep-seconds must be > 0")
@@ -210,13 +210,29 @@ async def run_sweep(cfg, opt, rates: list[float], seconds: float, p99_target_ms:
         n = mails_for(rate, seconds)
         console.rule(f"sweep point {i + 1}/{len(rates)}: {rate:g} mails/s offered, {n} mails")
         pdir = out / _rate_dir(rate)
-        r = await run_loadtest(cfg, replace(opt, rate=rate, mails=n, out=pdir, seed=seed + i, baselines=False), console)
+        try:
+            r = await run_loadtest(cfg, replace(opt, rate=rate, mails=n, out=pdir, seed=seed + i, baselines=False),
+                                   console)
+        except Exception as e:  # the points run so far keep their sweep report
+            notes.append(f"point {rate:g} mails/s failed: {type(e).__name__}: {e}; not run: "
+                         + (", ".join(f"{x:g}" for x in rates[i + 1:]) or "-"))
+            _finish(out, sweep_id, seconds, opt, seed, rates, points, notes, p99_target_ms, console)
+            raise
         points.append(point_of(rate, r, pdir))
         if not points[-1]["kept_up"] and not all_points and i + 1 < len(rates):
             skipped = ", ".join(f"{x:g}" for x in rates[i + 1:])
             notes.append(f"stopped after {rate:g} mails/s: saturated (finished {points[-1]['finished_mails_per_s']} "
                          f"mails/s); not run: {skipped} (`--sweep-all` runs them)")
             break
+    return _finish(out, sweep_id, seconds, opt, seed, rates, points, notes, p99_target_ms, console)
+
+
+def _finish(out: Path, sweep_id: str, seconds: float, opt, seed: int, rates: list[float], points: list[dict],
+            notes: list[str], p99_target_ms: float, console) -> dict:
+    import os
+
+    from deploy.loadtest.driver import _mem_gib
+
     s = summarize(points, p99_target_ms)
     sweep = {
         "sweep_id": sweep_id, "seconds_per_point": seconds, "mailboxes": opt.mailboxes, "seed": seed,

@@ -86,3 +86,29 @@ def test_the_command_refuses_what_it_cannot_run(args, message):
 
     res = CliRunner().invoke(app, ["loadtest", *args], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_a_point_that_fails_leaves_the_sweep_report_of_the_points_before(tmp_path, monkeypatch):
+    """A run that raises (no disk, the stack gone) ends the sweep with the error - and the
+    points already run keep their sweep report, with a note of what failed and what did not run."""
+    import asyncio
+
+    from rich.console import Console
+
+    import deploy.loadtest.driver as driver
+    from deploy.loadtest.driver import Options
+    from deploy.loadtest.sweep import run_sweep
+
+    async def fake_run(cfg, opt, console):
+        if opt.rate > 10:
+            raise RuntimeError("not enough disk")
+        return _report(opt.mails, opt.rate, 200.0)
+
+    monkeypatch.setattr(driver, "run_loadtest", fake_run)
+    opt = Options(mails=1, rate=7, out=tmp_path, seed=1, baselines=False)
+    with pytest.raises(RuntimeError, match="not enough disk"):
+        asyncio.run(run_sweep(None, opt, [7, 20, 40], 10, 500, Console(file=open(tmp_path / "log", "w"))))
+    s = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["offered_mails_per_s"] for p in s["points"]] == [7]
+    assert s["notes"] == ["point 20 mails/s failed: RuntimeError: not enough disk; not run: 40"]
+    assert s["summary"]["knee_mails_per_s"] == 7
