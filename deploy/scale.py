@@ -73,7 +73,7 @@ def status(ctx: typer.Context) -> None:
     for e in st["events"][-15:]:
         hosts = f"{e.get('hosts_before', '')}->{e.get('hosts_after', '')}" if "hosts_before" in e else e.get("host", "")
         data_row(ev, str(e["t"]), e["kind"], e["action"], str(hosts), str(e.get("reason", ""))[:70],
-                   str(e.get("moved", "")), str(e.get("handover_s", "")))
+                 str(e.get("moved", "")), str(e.get("handover_s", "")))
     console.print(ev)
 
 

@@ -66,7 +66,8 @@ def _ask(cfg, ecr_ref: str, msg):
     try:
         ray.init(address="auto", namespace=cfg.runtime.namespace, log_to_driver=False, logging_level="ERROR")
     except Exception as e:
-        console.print(f"[red]cannot reach the running cluster ({type(e).__name__}: {escape(str(e))}); is `automat run` up?[/]")
+        console.print(f"[red]cannot reach the running cluster ({type(e).__name__}: {escape(str(e))}); "
+                      "is `automat run` up?[/]")
         raise typer.Exit(1) from None
 
     async def go():

@@ -82,8 +82,8 @@ def pending_cmd(ctx: typer.Context, unit: Optional[str] = typer.Option(None, hel
         t.add_column(c)
     for bu, e in rows:
         data_row(t, e.patient_key[:13], bu, e.patient_number, ", ".join(x for x in (e.family, e.given) if x),
-                  str(e.birth_date or ""), " ".join(e.case_numbers),
-                  time.strftime("%Y-%m-%d %H:%M", time.localtime(e.received_at)), str(e.discharged_at or ""))
+                 str(e.birth_date or ""), " ".join(e.case_numbers),
+                 time.strftime("%Y-%m-%d %H:%M", time.localtime(e.received_at)), str(e.discharged_at or ""))
     console.print(t)
 
 
@@ -145,7 +145,7 @@ def messages_cmd(ctx: typer.Context, limit: int = typer.Option(30), errors: bool
         t.add_column(c, overflow="fold")
     for d in rows:
         data_row(t, time.strftime("%H:%M:%S", time.localtime(float(d["at"]))), d["iface"], d["type"], d["cid"],
-                  d["ack"] or "-", d["error"], d["ref"])
+                 d["ack"] or "-", d["error"], d["ref"])
     console.print(t)
 
 

@@ -153,7 +153,7 @@ def show_cmd(ctx: typer.Context, mail_id: str = typer.Argument(..., help="the ma
     for i, h in enumerate(s.get("history", []), 1):
         took = f"{(h['ended'] - h['started']) * 1000:.1f}" if h.get("ended") else "running"
         data_row(t, str(i), h["step"], str(h["attempt"]), f"{(h['started'] - t0) * 1000:.1f}", took,
-                  f"{h.get('worker_ms') or 0:.1f}", h.get("result") or "", (h.get("error") or "")[:60])
+                 f"{h.get('worker_ms') or 0:.1f}", h.get("result") or "", (h.get("error") or "")[:60])
     console.print(t)
     if s.get("facts"):
         f = Table(title="facts (control information)")

@@ -95,7 +95,7 @@ def show(
         t.add_column(col, overflow="fold")
     for r in rows:
         data_row(t, str(r["vid"]), r["activity"], r["recorded"], r["workflow"], r["status"], r["who"],
-                  r["on_behalf_of"], r["provenance"], r["previous"] or "-")
+                 r["on_behalf_of"], r["provenance"], r["previous"] or "-")
     console.print(t)
     last = rows[-1]["sections"]
     console.print("sections: " + ", ".join(f"{k} {n}" for k, n in last.items()))

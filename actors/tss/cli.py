@@ -80,9 +80,9 @@ def status(ctx: typer.Context, practice: Optional[str] = typer.Option(None, help
     for pid, s in list(states.items())[:limit]:
         allowed = (s.last_poll_at + s.poll_interval_s) if s.last_poll_at else None
         data_row(t, pid, s.phase, f"{s.cursor.recorded or '-'} / {s.cursor.id or '-'}", _ago(s.last_sync_at, now),
-                  _ago(allowed, now) if allowed and allowed > now else "now",
-                  f"{now - s.last_sync_at:.0f}s" if s.last_sync_at else "-",
-                  str(s.applied), str(len(s.store.resources)), s.error_code or "")
+                 _ago(allowed, now) if allowed and allowed > now else "now",
+                 f"{now - s.last_sync_at:.0f}s" if s.last_sync_at else "-",
+                 str(s.applied), str(len(s.store.resources)), s.error_code or "")
     console.print(t)
     for pid, s in list(states.items())[:limit] if practice else []:
         if s.last_error:

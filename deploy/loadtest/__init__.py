@@ -65,9 +65,9 @@ def loadtest_cmd(
     logging.basicConfig(level=logging.WARNING)
     console = Console()
     if sweep is not None:
-        _sweep(cfg, console, sweep, sweep_seconds, p99_target_ms, sweep_all, rate=rate, mails=mails, mailboxes=mailboxes,
-               mix=mix, faults=faults, out=out, seed=seed, slip_hosts=slip_hosts, worker_hosts=worker_hosts,
-               fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms,
+        _sweep(cfg, console, sweep, sweep_seconds, p99_target_ms, sweep_all, rate=rate, mails=mails,
+               mailboxes=mailboxes, mix=mix, faults=faults, out=out, seed=seed, slip_hosts=slip_hosts,
+               worker_hosts=worker_hosts, fetchers=fetchers, fuse_max=fuse_max, max_in_flight=max_in_flight, pickup_poll_ms=pickup_poll_ms,
                redis_db=redis_db, timeout_s=timeout, keep=keep, live=live, profile=profile)
         return
     if mails is None:

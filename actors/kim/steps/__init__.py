@@ -25,7 +25,8 @@ from pathlib import Path
 from actors.kim.core_system import CoreSystemError, CoreSystemRejected
 from actors.kim.smtp import SmtpSendError
 from actors.kim.steps import answers, domain, technical  # noqa: F401  (registration)
-from actors.kim.steps._base import CACHE, CLAIMS, EFFECTS, ENDS_SEGMENT, LAYER, SEGMENT_KINDS, STEPS, StepFault, StepOut, Transient
+from actors.kim.steps._base import (CACHE, CLAIMS, EFFECTS, ENDS_SEGMENT, LAYER, SEGMENT_KINDS, STEPS, StepFault, StepOut,
+                                   Transient)
 from protocols.kim.errors import KimError
 from protocols.kim.messages import StepError, StepOrder, StepResult
 from protocols.kim.roadmap import RoadMap, load_roadmap_versions, load_roadmaps
